@@ -1,0 +1,5 @@
+import sys
+
+from amoc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""`amoc STAGE ...`: one entry point per pipeline stage.
+
+Every stage reads `--params` (default params.yaml) plus `--set key=value` overrides,
+validates them once into a typed Config, and only then touches the disk.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from amoc import config as config_mod
+from amoc.errors import AmocError
+
+# stage -> (module:function, help, function that adds the stage's own arguments)
+STAGES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def _stage(name: str, target: str, help_text: str):
+    def register(add_args: Callable[[argparse.ArgumentParser], None]):
+        STAGES[name] = (target, help_text, add_args)
+        return add_args
+    return register
+
+
+@_stage("download", "amoc.data.stage:run", "fetch, verify and unpack a data set into compact uint8 arrays")
+def _download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="data/prepared", help="output folder: train.npz, test.npz, stats.json (default: %(default)s)")
+
+
+@_stage("pretrain", "amoc.pretrain.stage:run", "AMOC pre-training of the query encoder (no labels)")
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--out", default="runs/pretrain", help="output folder: encoder.pt, checkpoints/, log.csv, metrics.json (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT/checkpoints if its config matches")
+
+
+@_stage("probe", "amoc.downstream.probe:run", "linear probing of a frozen encoder: SLF (clean) or ALF (adversarial)")
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("slf", "alf"), required=True, help="slf: cross-entropy on clean images; alf: TRADES / PGD-AT")
+    p.add_argument("--encoder", default="runs/pretrain/encoder.pt", help="encoder written by `amoc pretrain` (default: %(default)s)")
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder: classifier.pt, log.csv, metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
+
+
+@_stage("finetune", "amoc.downstream.finetune:run", "adversarial full fine-tuning (AFF), or the from-scratch baseline")
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", default="runs/pretrain/encoder.pt", help="encoder to start from, or 'scratch' for a random init (default: %(default)s)")
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder: classifier.pt, log.csv, metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
+
+
+@_stage("evaluate", "amoc.downstream.evaluate:run", "clean, PGD-20 and AutoAttack accuracy plus a robustness curve")
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="classifier.pt written by `amoc probe` or `amoc finetune`")
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder: eval.json, curve.csv")
+
+
+@_stage("report", "amoc.downstream.report:run", "collect every metrics file into a markdown table and seaborn figures")
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", default="runs", help="folder holding the stage outputs (default: %(default)s)")
+    p.add_argument("--out", default="report", help="output folder: report.md and PNG figures (default: %(default)s)")
+
+
+@_stage("params", "amoc.presets:run", "print the validated params (optionally a preset) as YAML")
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="apply a bundled preset on top: " + ", ".join(_preset_names()))
+    p.add_argument("--out", default="-", help="file to write (default: stdout)")
+
+
+def _preset_names() -> list[str]:
+    from amoc.presets import available
+    return available()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amoc",
+        description="Adversarial Momentum-Contrastive pre-training (AMOC): robust self-supervised "
+                    "encoders and their robustness evaluation. Each subcommand is one pipeline stage.",
+        epilog="Run `amoc STAGE --help` for a stage's options. Stages are chained by dvc.yaml / the Snakefile.",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    sub.required = True
+    for name, (_, help_text, add_args) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param, e.g. --set queue_size=4096 --set pretrain.epochs=5 (repeatable)")
+        add_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    target, _, _ = STAGES[args.stage]
+    try:
+        cfg = config_mod.load(args.params, args.overrides)
+        module_name, func_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("amoc"):
+                raise AmocError("not implemented yet") from None
+            raise
+        result = getattr(module, func_name)(cfg, args)
+        return int(result or 0)
+    except AmocError as exc:
+        print(f"amoc {args.stage}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"amoc {args.stage}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

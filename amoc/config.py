@@ -1,0 +1,394 @@
+"""Typed, validated configuration.
+
+params.yaml is parsed once, at the entry point, into frozen dataclasses; the rest of
+the code reads attributes, never dicts. Every problem is reported as one
+``ConfigError`` line naming the key, the bad value and what is allowed.
+
+Float fields also accept fractions written as strings (``eps: 8/255``), because
+attack budgets are conventionally given that way and YAML has no fraction type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from amoc.errors import ConfigError
+
+VARIANTS = ("CCC", "CAC", "CAA", "ACC", "ACA", "ACA+", "AAC", "AAA")
+# Accepted spellings that are normalised to the canonical name.
+VARIANT_ALIASES = {"ACA_PLUS": "ACA+", "ACAPLUS": "ACA+", "ACA-PLUS": "ACA+"}
+MAX_PARAMS_BYTES = 1 << 20  # a params file larger than 1 MiB is not a params file
+
+
+def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with an allowed range, checked at load time."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class AttackConfig:
+    """L-inf PGD; the step size is ``step_ratio * eps`` (the spec's 0.25 * eps)."""
+    eps: float = spec(8 / 255, lo=0.0, hi=1.0)
+    step_ratio: float = spec(0.25, lo=0.0, hi=1.0, lo_open=True)
+    steps: int = spec(5, lo=0)
+    random_start: bool = True
+
+    @property
+    def step_size(self) -> float:
+        return self.step_ratio * self.eps
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SimCLR-style views (spec section 5); every probability is per sample."""
+    crop_scale: list[float] = spec([0.2, 1.0], lo=0.0, hi=1.0)
+    crop_ratio: list[float] = spec([3 / 4, 4 / 3], lo=0.0, lo_open=True)
+    flip_p: float = spec(0.5, lo=0.0, hi=1.0)
+    jitter: list[float] = spec([0.4, 0.4, 0.4, 0.1], lo=0.0)  # brightness, contrast, saturation, hue
+    jitter_p: float = spec(0.8, lo=0.0, hi=1.0)
+    gray_p: float = spec(0.2, lo=0.0, hi=1.0)
+    blur_p: float = spec(0.5, lo=0.0, hi=1.0)
+    blur_sigma: list[float] = spec([0.1, 2.0], lo=0.0, lo_open=True)
+    blur_kernel: int = spec(3, lo=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["cifar10", "cifar100", "folder", "digits"] = "cifar10"
+    # "" = the official URL of `name`; otherwise an http(s):// or file:// URL or a
+    # local path (archive, or for `folder` also a directory).
+    source: str = ""
+    # "" with the official source = the official md5. A custom archive needs one of them.
+    md5: str = ""
+    sha256: str = ""
+    max_member_mb: int = spec(512, lo=1)
+    train_limit: int = spec(0, lo=0, doc="keep the first N training images (0 = all)")
+    test_limit: int = spec(0, lo=0, doc="keep the first N test images (0 = all)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["resnet18"] = "resnet18"
+    width: float = spec(1.0, lo=0.0, hi=8.0, lo_open=True, doc="channel multiplier (1 = paper)")
+    hidden_dim: int = spec(512, lo=1)
+    feature_dim: int = spec(128, lo=1)
+    temperature: float = spec(0.2, lo=0.0, lo_open=True)
+    key_momentum: float = spec(0.999, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    threads: int = spec(0, lo=0, doc="CPU threads (0 = torch default)")
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = spec(200, lo=1)
+    batch_size: int = spec(256, lo=2)
+    lr: float = spec(0.1, lo=0.0, lo_open=True)
+    momentum: float = spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = spec(5e-4, lo=0.0)
+    warmup_epochs: int = spec(10, lo=0)
+    queue_size_adv: int = spec(0, lo=0, doc="size of queue_adv (0 = queue_size)")
+    enqueue_order: Literal["moco", "authors"] = "moco"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint_every: int = spec(10, lo=1, doc="epochs between checkpoints")
+    knn_k: int = spec(200, lo=1)
+    knn_every: int = spec(0, lo=0, doc="epochs between k-NN probes (0 = only at the end)")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    epochs: int = spec(25, lo=1)
+    milestones: list[int] = spec([15, 20], lo=0)
+    lr_gamma: float = spec(0.1, lo=0.0, hi=1.0, lo_open=True)
+    batch_size: int = spec(128, lo=1)
+    lr: float = spec(0.1, lo=0.0, lo_open=True)
+    momentum: float = spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = spec(5e-4, lo=0.0)
+    weight_decay_slf: float = spec(2e-4, lo=0.0)
+    alf_loss: Literal["trades", "pgd_at"] = "trades"
+    beta: float = spec(6.0, lo=0.0)
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=10))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = spec(100, lo=1)
+    milestones: list[int] = spec([40, 60], lo=0)
+    lr_gamma: float = spec(0.1, lo=0.0, hi=1.0, lo_open=True)
+    batch_size: int = spec(128, lo=1)
+    lr: float = spec(0.1, lo=0.0, lo_open=True)
+    momentum: float = spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = spec(5e-4, lo=0.0)
+    loss: Literal["trades", "pgd_at"] = "trades"
+    beta: float = spec(6.0, lo=0.0)
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=10))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    n_images: int = spec(0, lo=0, doc="test images to evaluate (0 = all)")
+    batch_size: int = spec(500, lo=1)
+    pgd: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20))
+    autoattack: bool = True
+    autoattack_images: int = spec(0, lo=0, doc="images for AutoAttack (0 = n_images)")
+    curve_eps: list[float] = spec([0, 1, 2, 4, 6, 8, 12, 16], lo=0.0, hi=255.0,
+                                  doc="robustness-curve budgets in units of 1/255")
+
+
+@dataclass(frozen=True)
+class Config:
+    # The knobs people sweep are top-level, so `dvc exp run -S queue_size=4096` works.
+    variant: str = "ACA+"
+    queue_size: int = spec(32768, lo=1)
+    leverage: float = spec(0.5, lo=0.0, hi=1.0)
+    seed: int = spec(1, lo=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def queue_size_adv(self) -> int:
+        return self.pretrain.queue_size_adv or self.queue_size
+
+
+# --------------------------------------------------------------------------- parsing
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: {_fmt(value)} is not a number; expected a float such as 0.5 or 8/255")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            out = float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{key}: {_fmt(value)} is not a number; expected a float such as 0.5 or 8/255") from None
+    else:
+        raise ConfigError(f"{key}: {_fmt(value)} is not a number; expected a float such as 0.5 or 8/255")
+    if not math.isfinite(out):
+        raise ConfigError(f"{key}: {_fmt(value)} is not finite; expected a finite number")
+    return out
+
+
+def _check_range(key: str, value: float, meta: typing.Mapping[str, Any]) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        lo_txt = "-inf" if lo is None else f"{lo:g}"
+        hi_txt = "inf" if hi is None else f"{hi:g}"
+        raise ConfigError(f"{key}: {_fmt(value)} is out of range; allowed {left}{lo_txt}, {hi_txt}]")
+
+
+def _convert(key: str, tp: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {_fmt(value)} is not allowed; choose one of {', '.join(map(str, allowed))}{hint}")
+        return value
+    if origin in (list, typing.List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {_fmt(value)} is not a list; expected a list of {item_tp.__name__}")
+        return [_convert(f"{key}[{i}]", item_tp, v, meta) for i, v in enumerate(value)]
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(key, args[0], value, meta)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {_fmt(value)} is not a boolean; expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{key}: {_fmt(value)} is not an integer; expected a whole number")
+        _check_range(key, value, meta)
+        return value
+    if tp is float:
+        out = _as_float(key, value)
+        _check_range(key, out, meta)
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {_fmt(value)} is not a string; expected text")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "params"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {_fmt(raw)} is not a mapping; expected 'key: value' entries")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"{full}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            full = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(full, hints[name], raw[name], f.metadata)
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> Config:
+    variant = VARIANT_ALIASES.get(cfg.variant.upper(), cfg.variant.upper()) if isinstance(cfg.variant, str) else cfg.variant
+    if variant not in VARIANTS:
+        close = difflib.get_close_matches(str(cfg.variant).upper(), VARIANTS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"variant: {_fmt(cfg.variant)} is not a variant; choose one of {', '.join(VARIANTS)} (ACA_PLUS = ACA+){hint}")
+    cfg = dataclasses.replace(cfg, variant=variant)
+    p = cfg.pretrain
+    for name, size in (("queue_size", cfg.queue_size), ("pretrain.queue_size_adv", cfg.queue_size_adv)):
+        if size < p.batch_size:
+            raise ConfigError(f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least one batch of keys")
+    if p.warmup_epochs > p.epochs:
+        raise ConfigError(f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the number of epochs")
+    for section, aug_lists in (("pretrain.augment", (("crop_scale", p.augment.crop_scale), ("crop_ratio", p.augment.crop_ratio), ("blur_sigma", p.augment.blur_sigma))),):
+        for name, pair in aug_lists:
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ConfigError(f"{section}.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high")
+    if len(p.augment.jitter) != 4:
+        raise ConfigError(f"pretrain.augment.jitter: {_fmt(p.augment.jitter)} needs 4 values: brightness, contrast, saturation, hue")
+    if p.augment.jitter[3] > 0.5:
+        raise ConfigError(f"pretrain.augment.jitter[3]: {p.augment.jitter[3]:g} is out of range; hue jitter allowed [0, 0.5]")
+    if p.augment.blur_kernel % 2 == 0:
+        raise ConfigError(f"pretrain.augment.blur_kernel: {p.augment.blur_kernel} is even; use an odd kernel size such as 3")
+    for section, stage in (("probe", cfg.probe), ("finetune", cfg.finetune)):
+        ms = stage.milestones
+        if list(ms) != sorted(ms) or any(m > stage.epochs for m in ms):
+            raise ConfigError(f"{section}.milestones: {_fmt(ms)} must be increasing epochs within 0..{section}.epochs={stage.epochs}")
+    if cfg.data.md5 and (len(cfg.data.md5) != 32 or any(c not in "0123456789abcdefABCDEF" for c in cfg.data.md5)):
+        raise ConfigError(f"data.md5: {_fmt(cfg.data.md5)} is not an md5 digest; expected 32 hex characters")
+    if cfg.data.sha256 and (len(cfg.data.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in cfg.data.sha256)):
+        raise ConfigError(f"data.sha256: {_fmt(cfg.data.sha256)} is not a sha256 digest; expected 64 hex characters")
+    dev = cfg.runtime.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"runtime.device: {_fmt(dev)} is not a device; use auto, cpu, cuda or cuda:N")
+    return cfg
+
+
+def from_dict(raw: Any) -> Config:
+    """Validate a parsed params document (a dict) into a Config."""
+    return _cross_checks(_build(Config, raw, ""))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value read as YAML, as `dvc exp run -S` does."""
+    if "=" not in item:
+        raise ConfigError(f"--set {_fmt(item)}: expected key=value, e.g. --set queue_size=4096")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {_fmt(item)}: {_fmt(key)} is not a dotted key such as pretrain.epochs")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = _deepcopy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+def read_params_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found; pass --params PATH or run from the project folder")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file; --params needs a YAML file")
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a params file (limit {MAX_PARAMS_BYTES}); is it the right file?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a params file is YAML") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem}); fix the syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level is {type(raw).__name__}, expected a mapping of 'key: value' entries")
+    return raw
+
+
+def load(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> Config:
+    raw = apply_overrides(read_params_file(path), overrides or [])
+    return from_dict(raw)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (for writing next to results)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,141 @@
+"""Crash-safe file output and safe checkpoint loading.
+
+Every file a stage writes goes to a temp file in the same folder, is fsynced and then
+renamed, so a killed or failing stage never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from amoc.errors import AmocError, CheckpointError, LockedError
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise AmocError(f"{path}: no space left on device while writing; free disk space and rerun (the previous file, if any, is untouched)") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Atomic write through a function that writes to a given path (np.savez, savefig...)."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def torch_save(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with `weights_only=True`: tensors and plain data only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only checkpoints written by amoc are accepted") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that writes it") from None
+
+
+class RunLock:
+    """An exclusive lock file in an output folder, so two runs never write the same outputs.
+
+    A lock left by a process that no longer exists (a SIGKILLed run) is taken over.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / ".amoc.lock"
+        self._held = False
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _read_pid(self.path)
+                if pid is not None and pid != os.getpid() and _alive(pid):
+                    raise LockedError(f"{self.path.parent}: another amoc run (pid {pid}) is writing here; wait for it or stop it, or use another output folder") from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._held = True
+            return self
+        raise LockedError(f"{self.path}: could not take the lock; remove it if no amoc run is active")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

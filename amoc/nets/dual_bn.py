@@ -1,0 +1,46 @@
+"""Dual BatchNorm: separate statistics (and affine parameters) for clean and
+adversarial inputs, selected by one switch set on the whole model at once."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+Branch = Literal["clean", "adv"]
+
+
+class DualBatchNorm2d(nn.Module):
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.clean = nn.BatchNorm2d(num_features)
+        self.adv = nn.BatchNorm2d(num_features)
+        self.branch: Branch = "clean"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clean(x) if self.branch == "clean" else self.adv(x)
+
+    def extra_repr(self) -> str:
+        return f"branch={self.branch}"
+
+
+def set_bn_branch(model: nn.Module, branch: Branch) -> None:
+    if branch not in ("clean", "adv"):
+        raise ValueError(f"BN branch must be 'clean' or 'adv', got {branch!r}")
+    for m in model.modules():
+        if isinstance(m, DualBatchNorm2d):
+            m.branch = branch
+
+
+@contextlib.contextmanager
+def bn_branch(model: nn.Module, branch: Branch) -> Iterator[nn.Module]:
+    """Run a block with every dual BN of `model` on `branch`, then restore."""
+    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm2d)]
+    before = [m.branch for m in duals]
+    set_bn_branch(model, branch)
+    try:
+        yield model
+    finally:
+        for m, b in zip(duals, before):
+            m.branch = b

@@ -1,0 +1,42 @@
+"""Bundled presets: small overrides of the paper config (demo, tests, GPU quick run)."""
+from __future__ import annotations
+
+import sys
+from importlib import resources
+
+import yaml
+
+from amoc import config as config_mod
+from amoc.errors import ConfigError
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
+
+
+def overrides(name: str) -> dict:
+    if name not in available():
+        raise ConfigError(f"--preset {name!r}: unknown preset; choose one of {', '.join(available())}")
+    return yaml.safe_load(resources.files(__name__).joinpath(f"{name}.yaml").read_text()) or {}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run(cfg: config_mod.Config, args) -> int:
+    """`amoc params`: print (or write) a complete, validated params document."""
+    from amoc import io
+
+    raw = config_mod.to_dict(cfg)
+    if args.preset:
+        raw = config_mod.to_dict(config_mod.from_dict(merge(raw, overrides(args.preset))))
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        io.write_text(args.out, text)
+    return 0
