@@ -286,7 +286,7 @@ def _cross_checks(cfg: Config) -> Config:
     p = cfg.pretrain
     for name, size in (("queue_size", cfg.queue_size), ("pretrain.queue_size_adv", cfg.queue_size_adv)):
         if size < p.batch_size:
-            raise ConfigError(f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least one batch of keys")
+            raise ConfigError(f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least one batch of keys (raise it or lower pretrain.batch_size)")
     if p.warmup_epochs > p.epochs:
         raise ConfigError(f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the number of epochs")
     for section, aug_lists in (("pretrain.augment", (("crop_scale", p.augment.crop_scale), ("crop_ratio", p.augment.crop_ratio), ("blur_sigma", p.augment.blur_sigma))),):

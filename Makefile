@@ -1,0 +1,29 @@
+# The two newcomer commands (see README): `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/amoc: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision pinned to the builds that import together (see README)
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/amoc
+
+# The full DAG (dvc repro) on the embedded real data set, offline, on the CPU.
+demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/demo.sh
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/pretrain_step.py
+	$(BIN)/python benchmarks/augment.py
+
+clean:
+	rm -rf demo .snakemake .pytest_cache

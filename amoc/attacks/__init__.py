@@ -1,0 +1,3 @@
+from amoc.attacks.pgd import pgd_linf
+
+__all__ = ["pgd_linf"]

@@ -1,0 +1,40 @@
+"""L-inf PGD with an injectable objective.
+
+One implementation serves pre-training (objective = the variant's contrastive loss)
+and downstream training/evaluation (cross-entropy or the TRADES KL term). Each step
+costs a forward plus a backward *to the input only* (`torch.autograd.grad`), so no
+weight gradients are computed or accumulated.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pgd_linf(x: torch.Tensor, objective: Objective, *, eps: float, step_size: float, steps: int,
+             random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Maximise `objective(x_adv)` (a scalar; sum over the batch so every sample's
+    step is independent of batch size) over the eps-ball around x, images in [0, 1].
+
+    Returns a detached tensor with ||x_adv - x||_inf <= eps and 0 <= x_adv <= 1.
+    The caller chooses train/eval mode and BN branch; this function changes neither.
+    """
+    x = x.detach()
+    if eps == 0 or steps == 0:
+        return x.clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + (2 * noise - 1) * eps).clamp_(0, 1)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = objective(x_adv)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        with torch.no_grad():
+            x_adv = x_adv + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    return x_adv.detach()

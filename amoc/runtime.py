@@ -1,0 +1,104 @@
+"""Device, precision, threads and seeding: resolved once per stage from `runtime:`."""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from amoc.config import RuntimeConfig
+from amoc.errors import AmocError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None = full fp32
+    channels_last: bool
+    progress: bool
+    compile: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Move a module to the device (and memory format) this run uses."""
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator on the run's device, for augmentation and attack noise."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AmocError(f"runtime.device: {name!r} requested but no CUDA device is available; use --set runtime.device=cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AmocError(f"runtime.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices); pick another index")
+    return device
+
+
+def setup(cfg: RuntimeConfig, seed: int) -> Runtime:
+    """Seed every RNG, set threads, pick device and precision."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.precision == "bf16":
+        amp = torch.bfloat16
+    elif cfg.precision == "fp32":
+        amp = None
+    else:
+        amp = torch.bfloat16 if device.type == "cuda" else None
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    return Runtime(device=device, amp_dtype=amp, channels_last=channels_last, progress=cfg.progress,
+                   compile=cfg.compile)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put modules in eval mode for a block (attacks use running BN stats), then restore."""
+    before = [[m.training for m in mod.modules()] for mod in modules]
+    for mod in modules:
+        mod.eval()
+    try:
+        yield
+    finally:
+        for mod, flags in zip(modules, before):
+            for m, flag in zip(mod.modules(), flags):
+                m.training = flag
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Stop parameter gradients for a block (an attack needs the input gradient only)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)

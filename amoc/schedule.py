@@ -1,0 +1,26 @@
+"""Learning-rate schedules as pure functions of progress (nothing to checkpoint)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up from ~0 to base_lr, then cosine decay to 0; stepped per iteration."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
+def multistep(epoch: int, base_lr: float, milestones: Sequence[int], gamma: float) -> float:
+    """lr * gamma^(number of milestones reached), with epochs counted from 0."""
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,92 @@
+"""Params validation: the paper defaults, overrides, and every documented bad input."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+
+import pytest
+import yaml
+
+from amoc import cli, config
+from amoc.errors import ConfigError
+
+from conftest import REPO
+
+TABLE = REPO / "docs" / "bad-params.md"
+ROW = re.compile(r"^\| (\d+) \| `(.+)` \| `(.+)` \|$")
+
+
+def _rows() -> list[tuple[str, str, str]]:
+    rows = [m.groups() for line in TABLE.read_text().splitlines() if (m := ROW.match(line))]
+    assert len(rows) >= 15, "the docs table must keep at least 15 cases"
+    return rows
+
+
+def test_params_yaml_is_the_paper_config():
+    assert config.load(REPO / "params.yaml") == config.Config()
+    cfg = config.Config()
+    assert (cfg.variant, cfg.queue_size, cfg.leverage, cfg.seed) == ("ACA+", 32768, 0.5, 1)
+    assert cfg.pretrain.attack.eps == pytest.approx(8 / 255)
+    assert cfg.pretrain.attack.step_size == pytest.approx(2 / 255)
+    assert (cfg.pretrain.epochs, cfg.pretrain.batch_size, cfg.pretrain.lr) == (200, 256, 0.1)
+    assert cfg.evaluate.pgd.steps == 20 and cfg.probe.attack.steps == 10
+
+
+def test_sweep_knobs_are_top_level():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for knob in ("variant", "queue_size", "leverage", "seed"):
+        assert knob in raw
+
+
+@pytest.mark.parametrize("spelling", ["ACA+", "aca+", "ACA_PLUS", "aca_plus"])
+def test_aca_plus_spellings(spelling):
+    assert config.load(REPO / "params.yaml", [f"variant={spelling}"]).variant == "ACA+"
+
+
+@pytest.mark.parametrize("variant", config.VARIANTS)
+def test_every_variant_is_valid(variant):
+    assert config.load(REPO / "params.yaml", [f"variant={variant}"]).variant == variant
+
+
+def test_overrides_keep_types_and_fractions():
+    cfg = config.load(REPO / "params.yaml", ["queue_size=4096", "pretrain.attack.eps=4/255",
+                                             "probe.milestones=[5, 7]", "runtime.compile=true"])
+    assert cfg.queue_size == 4096 and isinstance(cfg.queue_size, int)
+    assert cfg.pretrain.attack.eps == pytest.approx(4 / 255)
+    assert cfg.probe.milestones == [5, 7]
+    assert cfg.runtime.compile is True
+    assert cfg.queue_size_adv == 4096  # K2 follows K1 unless set
+
+
+def test_config_is_frozen():
+    cfg = config.Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.queue_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset", ["demo", "tiny", "quick"])
+def test_presets_validate(preset, tmp_path):
+    out = tmp_path / "p.yaml"
+    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", preset, "--out", str(out)]) == 0
+    assert isinstance(config.load(out), config.Config)
+
+
+@pytest.mark.parametrize("number,args,expected", _rows(), ids=[r[0] for r in _rows()])
+def test_documented_bad_params(number, args, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("a" * 2_000_000)
+    argv = [a.replace("{HUGE}", str(huge)) for a in shlex.split(args)]
+    out = tmp_path / "out"
+    status = cli.main(["download", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip().replace(str(huge), "{HUGE}")
+    assert status == 2
+    assert err == expected
+    assert len(err.splitlines()) == 1
+    assert not out.exists(), "a rejected params file must not create outputs"
+
+
+def test_parse_override_rejects_empty_key():
+    with pytest.raises(ConfigError, match="dotted key"):
+        config.parse_override("pretrain..epochs=3")
