@@ -385,8 +385,11 @@ def read_params_file(path: str | os.PathLike) -> dict:
 
 
 def load(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> Config:
-    raw = apply_overrides(read_params_file(path), overrides or [])
-    return from_dict(raw)
+    try:
+        raw = apply_overrides(read_params_file(path), overrides or [])
+        return from_dict(raw)
+    except RecursionError:  # `a: &x [*x]` or thousands of nested brackets
+        raise ConfigError(f"{path}: nested too deeply or refers to itself (YAML anchors); write plain values") from None
 
 
 def to_dict(cfg: Any) -> Any:

@@ -6,6 +6,10 @@ class AmocError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        # One line on the terminal, whatever user-supplied text the message quotes.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class ConfigError(AmocError):
     """A params value that is unknown, of the wrong type or out of range."""
