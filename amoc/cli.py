@@ -57,7 +57,23 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="classifier.pt written by `amoc probe` or `amoc finetune`")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: eval.json, curve.csv")
+    p.add_argument("--out", required=True, help="output folder: eval.json, curve.csv (with --corruptions: corruptions.json, corruptions.csv)")
+    p.add_argument("--corruptions", default=None, metavar="DIR",
+                   help="instead of attacks, score accuracy on the corrupted test sets in DIR (written by `amoc corruptions`)")
+
+
+@_stage("corruptions", "amoc.corruptions.stage:run", "CIFAR-10-C / CIFAR-100-C: fetch the official set, or generate an offline approximation")
+def _corruptions_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--out", default="data/corrupted", help="output folder: <corruption>.npy, labels.npy, source.json (default: %(default)s)")
+
+
+@_stage("transfer", "amoc.corruptions.transfer:run", "black-box transfer: PGD examples from source models scored on every model")
+def _transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", default="runs", help="folder holding <model>/classifier.pt (default: %(default)s)")
+    p.add_argument("--models", nargs="+", default=["slf", "alf", "aff", "scratch"], help="target models (default: %(default)s)")
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--out", default="runs/transfer", help="output folder: transfer.json, transfer.csv (default: %(default)s)")
 
 
 @_stage("report", "amoc.downstream.report:run", "collect every metrics file into a markdown table and seaborn figures")
@@ -98,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     target, _, _ = STAGES[args.stage]
+    if args.stage == "evaluate" and args.corruptions:
+        target = "amoc.corruptions.evaluate:run"
     try:
         cfg = config_mod.load(args.params, args.overrides)
         module_name, func_name = target.split(":")

@@ -158,6 +158,31 @@ class EvaluateConfig:
                                   doc="robustness-curve budgets in units of 1/255")
 
 
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+               "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+               "elastic_transform", "pixelate", "jpeg_compression")
+
+
+@dataclass(frozen=True)
+class CorruptionsConfig:
+    """CIFAR-10-C / CIFAR-100-C. `generate` builds an offline approximation from the
+    prepared test split (labelled as such, never reported as the official set)."""
+    source: str = "generate"  # generate | official | an http(s)/file URL or path to a *-C .tar
+    md5: str = ""
+    sha256: str = ""
+    names: list[str] = spec(list(CORRUPTIONS))
+    severities: list[int] = spec([1, 2, 3, 4, 5], lo=1, hi=5)
+    n_images: int = spec(1000, lo=0, doc="test images per corruption and severity (0 = all)")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Black-box transfer: PGD examples crafted on a source model, scored on every target."""
+    sources: list[str] = spec(["scratch"])
+    n_images: int = spec(1000, lo=0, doc="test images (0 = all)")
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20))
+
+
 @dataclass(frozen=True)
 class Config:
     # The knobs people sweep are top-level, so `dvc exp run -S queue_size=4096` works.
@@ -172,6 +197,8 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    corruptions: CorruptionsConfig = field(default_factory=CorruptionsConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     @property
     def queue_size_adv(self) -> int:
@@ -212,7 +239,17 @@ def _check_range(key: str, value: float, meta: typing.Mapping[str, Any]) -> None
         raise ConfigError(f"{key}: {_fmt(value)} is out of range; allowed {left}{lo_txt}, {hi_txt}]")
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A `--set` value: YAML-parsed, but text fields keep what was typed (an md5 of
+    digits must not turn into a number)."""
+    text: str
+    parsed: Any
+
+
 def _convert(key: str, tp: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    if isinstance(value, _Override):
+        value = value.text if tp is str else value.parsed
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
@@ -256,6 +293,8 @@ def _convert(key: str, tp: Any, value: Any, meta: typing.Mapping[str, Any]) -> A
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix or "params"
+    if isinstance(raw, _Override):
+        raw = raw.parsed
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -307,6 +346,15 @@ def _cross_checks(cfg: Config) -> Config:
         raise ConfigError(f"data.md5: {_fmt(cfg.data.md5)} is not an md5 digest; expected 32 hex characters")
     if cfg.data.sha256 and (len(cfg.data.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in cfg.data.sha256)):
         raise ConfigError(f"data.sha256: {_fmt(cfg.data.sha256)} is not a sha256 digest; expected 64 hex characters")
+    for name in cfg.corruptions.names:
+        if name not in CORRUPTIONS:
+            close = difflib.get_close_matches(name, CORRUPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"corruptions.names: {_fmt(name)} is not a standard corruption; choose from {', '.join(CORRUPTIONS)}{hint}")
+    for digest, size in (("md5", 32), ("sha256", 64)):
+        value = getattr(cfg.corruptions, digest)
+        if value and (len(value) != size or any(c not in "0123456789abcdefABCDEF" for c in value)):
+            raise ConfigError(f"corruptions.{digest}: {_fmt(value)} is not a {digest} digest; expected {size} hex characters")
     dev = cfg.runtime.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"runtime.device: {_fmt(dev)} is not a device; use auto, cpu, cuda or cuda:N")
@@ -330,6 +378,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if not isinstance(value, (dict, list)):
+        value = _Override(text.strip(), value)
     return key, value
 
 

@@ -20,6 +20,15 @@ import torch
 from amoc.errors import AmocError, CheckpointError, LockedError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -36,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     tmp = Path(tmp)
     try:
         yield tmp
@@ -85,7 +95,10 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        # torch's message starts with generic advice; the line naming the refused global is the useful one
+        named = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
+        first = (named or lines or ["unsafe content"])[0].replace("WeightsUnpickler error: ", "")
         raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only checkpoints written by amoc are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that writes it") from None

@@ -90,3 +90,9 @@ def test_documented_bad_params(number, args, expected, tmp_path, monkeypatch, ca
 def test_parse_override_rejects_empty_key():
     with pytest.raises(ConfigError, match="dotted key"):
         config.parse_override("pretrain..epochs=3")
+
+
+def test_text_overrides_keep_what_was_typed():
+    cfg = config.load(REPO / "params.yaml", ["data.md5=00000000000000000000000000000000", "data.source=123"])
+    assert cfg.data.md5 == "0" * 32
+    assert cfg.data.source == "123"
