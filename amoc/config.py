@@ -255,6 +255,8 @@ def _convert(key: str, tp: Any, value: Any, meta: typing.Mapping[str, Any]) -> A
         return _build(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -96,3 +96,8 @@ def test_text_overrides_keep_what_was_typed():
     cfg = config.load(REPO / "params.yaml", ["data.md5=00000000000000000000000000000000", "data.source=123"])
     assert cfg.data.md5 == "0" * 32
     assert cfg.data.source == "123"
+
+
+@pytest.mark.parametrize("typed,expected", [("on", "on"), ("off", "off"), ("auto", "auto")])
+def test_on_off_survive_yaml_booleans(typed, expected):
+    assert config.load(REPO / "params.yaml", [f"runtime.channels_last={typed}"]).runtime.channels_last == expected
