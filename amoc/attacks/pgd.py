@@ -15,9 +15,13 @@ Objective = Callable[[torch.Tensor], torch.Tensor]
 
 
 def pgd_linf(x: torch.Tensor, objective: Objective, *, eps: float, step_size: float, steps: int,
-             random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+             random_start: bool = True, generator: torch.Generator | None = None,
+             start: torch.Tensor | None = None) -> torch.Tensor:
     """Maximise `objective(x_adv)` (a scalar; sum over the batch so every sample's
     step is independent of batch size) over the eps-ball around x, images in [0, 1].
+
+    `start` (optional) is the first iterate, e.g. TRADES' x + 0.001 * N(0, 1); it is
+    projected onto the ball and [0, 1] and replaces the uniform random start.
 
     Returns a detached tensor with ||x_adv - x||_inf <= eps and 0 <= x_adv <= 1.
     The caller chooses train/eval mode and BN branch; this function changes neither.
@@ -25,7 +29,9 @@ def pgd_linf(x: torch.Tensor, objective: Objective, *, eps: float, step_size: fl
     x = x.detach()
     if eps == 0 or steps == 0:
         return x.clone()
-    if random_start:
+    if start is not None:
+        x_adv = torch.min(torch.max(start.detach(), x - eps), x + eps).clamp_(0, 1)
+    elif random_start:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = (x + (2 * noise - 1) * eps).clamp_(0, 1)
     else:

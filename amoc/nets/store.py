@@ -29,6 +29,11 @@ def save_encoder(path: str | os.PathLike, encoder: Encoder, extra: dict[str, Any
 
 
 def load_encoder(path: str | os.PathLike) -> Encoder:
+    return load_encoder_file(path)[0]
+
+
+def load_encoder_file(path: str | os.PathLike) -> tuple[Encoder, dict[str, Any]]:
+    """The encoder and the file's `extra` dict (e.g. {"bn_branch": "adv"})."""
     blob = torch_load(path)
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
         raise CheckpointError(f"{path}: not an amoc encoder file (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, expected {ENCODER_FORMAT})")
@@ -38,4 +43,5 @@ def load_encoder(path: str | os.PathLike) -> Encoder:
         encoder.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: encoder weights do not match its recorded shape ({str(exc).splitlines()[0]})") from None
-    return encoder
+    extra = blob.get("extra") or {}
+    return encoder, dict(extra) if isinstance(extra, dict) else {}

@@ -1,0 +1,63 @@
+"""Downstream training losses and their training-time attacks.
+
+- CE (SLF): cross-entropy on clean images.
+- PGD-AT (Madry et al.): cross-entropy on PGD examples that maximise the cross-entropy,
+  started uniformly in the eps-ball (if the attack's random_start is set).
+- TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), batch mean, where
+  x_adv maximises the same KL term from x + 0.001 * N(0, 1) (TRADES' start, whatever
+  random_start says). As in the TRADES code, the KL is
+  `kl_div(log_softmax(f(x_adv)), softmax(f(x)))`, which the paper writes KL(f(x_adv) || f(x)).
+
+The attack functions only craft examples: the caller puts the model in eval mode
+(running BN statistics) around them, as the spec prescribes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from amoc.attacks.pgd import pgd_linf
+from amoc.config import AttackConfig
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+TRADES_START_STD = 0.001
+
+
+def trades_kl(logits_nat: torch.Tensor, logits_adv: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """sum_c p_nat * (log p_nat - log p_adv), per TRADES; logits: B x classes."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1),
+                    reduction=reduction)
+
+
+def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """CE(f(x), y) + beta * KL, both batch means. Equals CE when logits_adv == logits_nat."""
+    return F.cross_entropy(logits_nat.float(), y) + beta * trades_kl(logits_nat, logits_adv)
+
+
+def trades_attack(model: Model, x: torch.Tensor, attack: AttackConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """TRADES inner maximisation of the KL term around x (images in [0, 1])."""
+    with torch.no_grad():
+        p_nat = F.softmax(model(x).float(), dim=1)                           # fixed target, B x classes
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    start = x + TRADES_START_STD * noise
+
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:  # summed: per-sample steps
+        return F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_nat, reduction="sum")
+
+    return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                    generator=generator, start=start)
+
+
+def ce_attack(model: Model, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Untargeted L-inf PGD on the cross-entropy (PGD-AT training, PGD-20 evaluation)."""
+
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x_adv).float(), y, reduction="sum")
+
+    return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                    random_start=attack.random_start, generator=generator)

@@ -1,0 +1,45 @@
+"""`amoc probe`: linear probing of a frozen pre-trained encoder (spec section 6).
+
+SLF: cross-entropy on clean images (weight decay `probe.weight_decay_slf`).
+ALF: `probe.alf_loss` (TRADES or PGD-AT, weight decay `probe.weight_decay`); the attacks
+go through the whole frozen network. In both, the encoder stays in eval mode on its
+adversarial BN branch (features from running statistics that never change) and only
+the zero-initialised linear head trains.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from amoc.config import Config
+from amoc.downstream.classifier import Classifier
+from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
+from amoc.io import RunLock
+from amoc.nets.store import load_encoder_file
+from amoc.runtime import setup
+
+
+def encoder_branch(extra: dict) -> str:
+    """The BN branch downstream models use: adv, unless the encoder file says clean."""
+    return "clean" if extra.get("bn_branch") == "clean" else "adv"
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    with RunLock(out):
+        rt = setup(cfg.runtime, cfg.seed)
+        x, y, stats = load_train_data(args.data)   # fail on bad data before loading weights
+        encoder, extra = load_encoder_file(args.encoder)
+        model = rt.prepare(Classifier(encoder, int(stats["num_classes"]), encoder_branch(extra)))
+        model.encoder.requires_grad_(False)
+        model.eval()
+        p = cfg.probe
+        if args.mode == "slf":
+            spec = TrainSpec.from_section(p, loss="ce", weight_decay=p.weight_decay_slf)
+        else:
+            spec = TrainSpec.from_section(p, loss=p.alf_loss, weight_decay=p.weight_decay)
+        provenance = {"stage": "probe", "mode": args.mode, "init": str(args.encoder),
+                      "init_sha256": file_digest(args.encoder)}
+        train_classifier(model, model.head, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,
+                         train_mode=False, desc=f"probe {args.mode}", provenance=provenance)
+    return 0

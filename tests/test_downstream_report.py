@@ -1,0 +1,98 @@
+"""`amoc report` on fake metrics: full runs, partial runs, nothing at all."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from downstream_helpers import params_file
+
+from amoc import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_eval(folder: Path, clean: float, pgd: float, aa: float | None, n: int = 1000, n_aa: int = 500,
+              curve: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"pgd": {"steps": 20, "eps_255": 8.0, "step_255": 2.0, "random_start": True, "n_images": n},
+                "autoattack": {"enabled": aa is not None, "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                               "iterations": 100, "library": "torchattacks 3.3.0", "eps_255": 8.0,
+                               "n_images": n_aa if aa is not None else 0},
+                "curve": {"steps": 20}}
+    (folder / "eval.json").write_text(json.dumps({"clean_acc": clean, "pgd_acc": pgd, "autoattack_acc": aa,
+                                                  "n_images": n, "settings": settings}))
+    if curve:
+        rows = ["eps_255,eps,accuracy,n_images"] + [f"{e},{e / 255},{max(clean - 4 * e, 0):.2f},{n}" for e in (0, 2, 4, 8, 16)]
+        (folder / "curve.csv").write_text("\n".join(rows) + "\n")
+
+
+def fake_pretrain(folder: Path, variant: str, queue: int, knn: list[float | None]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["epoch,loss,loss_clean,loss_adv,lr,images_per_s,seconds,knn_acc"]
+    for i, k in enumerate(knn, 1):
+        rows.append(f"{i},{9 - i},{8.5 - i},{9.5 - i},0.1,100,10,{'' if k is None else k}")
+    (folder / "log.csv").write_text("\n".join(rows) + "\n")
+    (folder / "metrics.json").write_text(json.dumps({"variant": variant, "queue_size": queue, "epochs": len(knn),
+                                                     "knn_acc": knn[-1], "loss": 9 - len(knn)}))
+
+
+def report(tmp_path: Path, runs: Path) -> Path:
+    out = tmp_path / "report"
+    assert cli.main(["report", "--params", str(params_file(tmp_path)), "--runs", str(runs), "--out", str(out)]) == 0
+    return out
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 5000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_on_a_full_set_of_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_pretrain(runs / "pretrain", "ACA+", 32768, [None, 0.41, 0.52])
+    fake_pretrain(runs / "pretrain-q4096", "ACA+", 4096, [0.35, 0.47])
+    fake_eval(runs / "slf", 81.5, 40.2, 38.9)               # eval.json beside the classifier
+    fake_eval(runs / "alf" / "eval", 79.0, 45.1, 41.5)      # the pipeline's runs/<model>/eval/
+    fake_eval(runs / "aff" / "eval", 83.2, 52.0, 47.7)
+    fake_eval(runs / "scratch" / "eval", 80.7, 51.1, 47.3)
+    fake_eval(runs / "transfer-probe", 70.0, 30.0, None)  # any other folder with an eval.json
+    out = report(tmp_path, runs)
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    for row in ("| SLF | 81.50 | 40.20 | 38.90 | 1000 | 500 |", "| ALF | 79.00 |", "| AFF | 83.20 |",
+                "| scratch (TRADES from scratch) | 80.70 | 51.10 | 47.30 |", "| transfer-probe | 70.00 | 30.00 | n/a | 1000 | - |"):
+        assert row in md and row in printed
+    assert "PGD-20 (%)" in md and "N = 1000" in md and "N = 500" in md and "8.0/255" in md
+    assert "| pretrain | ACA+ | 32768 | 3 | 52.00 |" in md and "| pretrain-q4096 | ACA+ | 4096 | 2 | 47.00 |" in md
+    names = ("pretrain_loss.png", "pretrain_knn.png", "robust_curve.png", "accuracy_bars.png", "pretrain_compare.png")
+    for name in names:
+        assert is_png(out / name), name
+        assert f"({name})" in md and str(out / name) in printed
+    assert "## Notes" not in md
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_report_on_a_partial_run_notes_what_is_missing(tmp_path):
+    runs = tmp_path / "runs"
+    fake_eval(runs / "alf", 79.0, 45.1, None, curve=False)
+    (runs / "slf").mkdir()
+    (runs / "slf" / "eval.json").write_text("{ truncated")
+    (runs / "pretrain").mkdir()
+    (runs / "pretrain" / "log.csv").write_text("epoch,loss,loss_clean,lr,images_per_s,seconds,knn_acc\n1,5.0,5.0,0.1,10,1,\n")
+    out = report(tmp_path, runs)
+    md = (out / "report.md").read_text()
+    assert "| ALF | 79.00 | 45.10 | n/a |" in md and "| SLF |" not in md
+    assert "unreadable" in md and "AFF: no eval.json" in md and "robustness-curve figure skipped" in md
+    assert "k-NN figure skipped" in md
+    assert is_png(out / "accuracy_bars.png") and is_png(out / "pretrain_loss.png")
+    assert not (out / "robust_curve.png").exists() and not (out / "pretrain_compare.png").exists()
+
+
+@pytest.mark.parametrize("make_dir", [False, True])
+def test_report_with_no_runs_at_all(tmp_path, make_dir):
+    runs = tmp_path / "runs"
+    if make_dir:
+        runs.mkdir()
+    md = (report(tmp_path, runs) / "report.md").read_text()
+    assert "No evaluated downstream model yet" in md and "No pre-training run found" in md
