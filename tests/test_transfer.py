@@ -83,14 +83,15 @@ def _run_transfer(runs_root: Path, models: dict[str, nn.Module], digits_dir: Pat
 
 
 def _whitebox(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int, bs: int) -> float:
-    """White-box PGD written out directly: same settings, seed and batches as the stage."""
+    """White-box PGD written out directly: same settings, seed and batches as the stage;
+    an image counts when it is correct both clean and attacked (as in `amoc evaluate`)."""
     generator = torch.Generator().manual_seed(seed)
     correct = 0
     for xb, yb in zip(torch.split(x.float() / 255, bs), torch.split(y, bs)):
         adv = pgd_linf(xb, lambda z, yb=yb: F.cross_entropy(model(z), yb, reduction="sum"), eps=eps,
                        step_size=eps / 4, steps=steps, random_start=True, generator=generator)
         with torch.no_grad():
-            correct += int((model(adv).argmax(1) == yb).sum())
+            correct += int(((model(adv).argmax(1) == yb) & (model(xb).argmax(1) == yb)).sum())
     return round(100.0 * correct / len(x), 2)
 
 

@@ -8,7 +8,8 @@ are the model's white-box examples; a source's examples are also scored on every
 target. So the matrix diagonal (source == target) is the white-box PGD accuracy with the
 same settings and seed, by construction.
 
-Accuracy is plain accuracy on the adversarial images, in %. A target whose white-box
+Robust accuracy counts an image only if the target classifies it correctly both clean and
+attacked, as `amoc evaluate` and AutoAttack do, so the two stages' PGD numbers agree. A target whose white-box
 accuracy is above its best transfer accuracy (the lowest, over the other models'
 examples) by more than MASKING_MARGIN_PP points is flagged `suspect_gradient_masking`:
 an attack that never sees the target's gradients should not do better than one that
@@ -56,13 +57,15 @@ def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConf
     return torch.cat(out)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int) -> float:
-    """Accuracy in % on float images in [0, 1] (N x 3 x H x W)."""
-    correct = 0
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
+    """Per-image correctness (bool, N) on float images in [0, 1] (N x 3 x H x W)."""
     with torch.no_grad():
-        for xb, yb in zip(torch.split(x, batch_size), torch.split(y, batch_size)):
-            correct += int((model(rt.images(xb.to(rt.device))).argmax(1) == yb.to(rt.device)).sum())
-    return 100.0 * correct / max(len(x), 1)
+        return torch.cat([(model(rt.images(xb.to(rt.device))).argmax(1) == yb.to(rt.device)).cpu()
+                          for xb, yb in zip(torch.split(x, batch_size), torch.split(y, batch_size))])
+
+
+def percent(mask: torch.Tensor) -> float:
+    return 100.0 * float(mask.float().mean()) if len(mask) else 0.0
 
 
 def masking_flags(matrix: dict[str, dict[str, float]], whitebox: dict[str, float],
@@ -108,15 +111,19 @@ def run(cfg: Config, args: Any) -> int:
         if n == 0:
             raise DataError(f"{args.data}: the test split is empty; nothing to attack")
         x, y = x[:n], y[:n]
-        clean = {m: accuracy(models[m], x.float() / 255, y, rt, bs) for m in everyone}
+        clean_ok = {m: correct(models[m], x.float() / 255, y, rt, bs) for m in everyone}
+        clean = {m: percent(ok) for m, ok in clean_ok.items()}
+
+        def robust(target: str, source: str) -> float:
+            return percent(clean_ok[target] & correct(models[target], adv[source], y, rt, bs))
+
         adv = {}
         for m in everyone:  # white-box examples of every model; a source's are also its transfer examples
             t0 = time.perf_counter()
             adv[m] = craft(models[m], x, y, t.attack, rt, bs, cfg.seed)
             print(f"amoc transfer: PGD-{t.attack.steps} on {m}: {n} images in {time.perf_counter() - t0:.1f} s", flush=True)
-        whitebox = {m: accuracy(models[m], adv[m], y, rt, bs) for m in everyone}
-        matrix = {s: {m: (whitebox[m] if m == s else accuracy(models[m], adv[s], y, rt, bs)) for m in everyone}
-                  for s in sources}
+        whitebox = {m: robust(m, m) for m in everyone}
+        matrix = {s: {m: (whitebox[m] if m == s else robust(m, s)) for m in everyone} for s in sources}
         flags = masking_flags(matrix, whitebox)
         report = {
             "attack": {"norm": "Linf", "eps": t.attack.eps, "eps_255": round(t.attack.eps * 255, 4),
@@ -132,7 +139,7 @@ def run(cfg: Config, args: Any) -> int:
                            **{k: (_r(v) if isinstance(v, float) else v) for k, v in flags[m].items()
                               if k != "whitebox_acc"}} for m in everyone},
             "margin_pp": MASKING_MARGIN_PP,
-            "units": "accuracy in % on the adversarial images; matrix[source][target]",
+            "units": "robust accuracy in % (correct clean and attacked); matrix[source][target]",
             "seconds": round(time.perf_counter() - start, 1),
         }
         buf = io.StringIO()

@@ -19,6 +19,7 @@ import pandas as pd
 
 from amoc import io
 from amoc.config import Config
+from amoc.corruptions import plots as robustness_plots
 from amoc.io import RunLock
 
 MODELS = {"slf": "SLF", "alf": "ALF", "aff": "AFF", "scratch": "scratch"}
@@ -305,6 +306,12 @@ def build_report(runs: Path, out: Path) -> tuple[str, str, list[Path]]:
     else:
         pretrain, models = collect_pretrain(runs, notes), collect_models(runs, notes)
     pngs = figures(out, pretrain, models, notes)
+    beyond = ""
+    if runs.is_dir():  # corruption robustness and transfer attacks (issue 10), when run
+        pngs += robustness_plots.corruption_heatmaps(runs, out)
+        transfer_png = robustness_plots.transfer_heatmap(runs, out)
+        pngs += [transfer_png] if transfer_png else []
+        beyond = robustness_plots.markdown_sections(runs)
     table = model_table(models) if models else "_No evaluated downstream model yet._"
     md = ["# AMOC report", "", f"Inputs: `{runs}`.", "", "## Downstream models (test set, L-inf)", "", table, ""]
     if models:
@@ -312,6 +319,8 @@ def build_report(runs: Path, out: Path) -> tuple[str, str, list[Path]]:
                "N = number of test images behind each number.", ""]
         md += [f"- {m['label']}: {_settings_text(m['eval'])}" for m in models] + [""]
     md += ["## Pre-training", "", pretrain_table(pretrain) if pretrain else "_No pre-training run found._", ""]
+    if beyond.strip():
+        md += [beyond.strip(), ""]
     if pngs:
         md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     if notes:
