@@ -102,3 +102,25 @@ def frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def oom_hint(stage: str, batch_key: str, batch_size: int) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error inside the block into a one-line AmocError (exit 2)
+    naming the batch size and the override that lowers it, e.g.
+
+        with oom_hint("pretrain", "pretrain.batch_size", p.batch_size):
+            ...training steps...
+
+    The cached blocks are released first (outside the except block, once the OOM's frames
+    and the tensors they hold are gone), so the message is not followed by a second OOM."""
+    message = None
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        message = (str(exc).strip().splitlines() or ["CUDA out of memory"])[0]
+    if message is not None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise AmocError(f"{stage}: out of GPU memory at batch size {batch_size} ({message[:160]}); lower it with "
+                        f"--set {batch_key}={max(1, batch_size // 2)}, or free the GPU")

@@ -402,3 +402,13 @@ def test_workspace_reuse_is_safe():
         assert torch.equal(clone(x, gen(3)), v2)
         assert not clone._ws.bufs or all(
             b.data_ptr() != a.data_ptr() for b in clone._ws.bufs.values() for a in aug._ws.bufs.values())
+
+
+def test_module_moves_like_any_module():
+    # `.to()` / `.float()` go through nn.Module._apply, which the class must not shadow.
+    from amoc.config import AugmentConfig
+    from amoc.pretrain.augment import SimCLRAugment
+
+    aug = SimCLRAugment(AugmentConfig()).to("cpu").float()
+    out = aug(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32)

@@ -426,9 +426,9 @@ class SimCLRAugment(nn.Module):
     def apply_params(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         """Apply explicit per-sample parameters (as returned by ``sample_params``)."""
         with torch.autocast(images.device.type, enabled=False):
-            return self._apply(images, p)
+            return self._augment(images, p)
 
-    def _apply(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
+    def _augment(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         b, size = images.shape[0], self.size
         dev = images.device
         if images.dtype != torch.uint8 and not images.is_floating_point():

@@ -1,0 +1,67 @@
+"""The pre-training attack (spec section 4): PGD on the variant's contrastive loss."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from amoc.attacks import pgd_linf
+from amoc.config import AttackConfig
+from amoc.pretrain.losses import info_nce
+from amoc.pretrain.moco import MoCo
+from amoc.pretrain.variants import Variant
+from amoc.runtime import eval_mode, frozen
+
+Views = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+class ContrastiveAttack:
+    """L-inf PGD (eps, step = step_ratio * eps, steps, random start) maximising the
+    variant's L_adv: info_nce(query, key, the variant's negative queue), summed over
+    the batch.
+
+    Contract: views are B x 3 x H x W in [0,1]. The whole model is in eval mode while
+    attacking (BN running statistics) and restored afterwards; nothing is enqueued and
+    no parameter gradient is computed. The two views are attacked jointly, but only
+    the view(s) the variant makes adversarial are perturbed: they run through their
+    network with the adv BN branch (query view -> query net, key view -> key net),
+    while the other view's embedding is computed once (it does not change between
+    PGD steps), without gradient, with the clean BN branch and, like everything in
+    the attack, in eval mode. PGD's random start uses `generator`.
+    """
+
+    def __init__(self, model: MoCo, variant: Variant, cfg: AttackConfig,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        self.model = model
+        self.variant = variant
+        self.cfg = cfg
+        self.autocast = autocast
+
+    def __call__(self, x_query: torch.Tensor, x_key: torch.Tensor,
+                 generator: torch.Generator | None = None) -> Views:
+        """-> (adversarial query view, adversarial key view); None where the variant
+        keeps the view clean (both None for CCC)."""
+        v, model = self.variant, self.model
+        if not v.has_adv_loss:
+            return None, None
+        batch = x_query.shape[0]
+        with eval_mode(model), frozen(model.query):
+            negatives = model.negatives(v.negatives)  # D x K, read only
+            with torch.no_grad(), self.autocast():
+                query = None if v.adv_query else model.queries(x_query, "clean")
+                key = None if v.adv_key else model.keys(x_key, "clean")
+            views = [x for x, adv in ((x_query, v.adv_query), (x_key, v.adv_key)) if adv]
+            x = torch.cat(views) if len(views) == 2 else views[0]  # (1 or 2)B x 3 x H x W
+
+            def objective(x_adv: torch.Tensor) -> torch.Tensor:
+                parts = iter(x_adv.split(batch))
+                with self.autocast():
+                    q = model.queries(next(parts), "adv") if v.adv_query else query
+                    k = model.embed(model.key, next(parts), "adv") if v.adv_key else key
+                return info_nce(q, k, negatives, reduction="sum")
+
+            x_adv = pgd_linf(x, objective, eps=self.cfg.eps, step_size=self.cfg.step_size,
+                             steps=self.cfg.steps, random_start=self.cfg.random_start, generator=generator)
+        parts = iter(x_adv.split(batch))
+        return (next(parts) if v.adv_query else None), (next(parts) if v.adv_key else None)

@@ -1,0 +1,117 @@
+"""Bookkeeping of the pre-training loop: per-epoch rows (log.csv) and the progress bar.
+
+Losses are summed on the device, step after step, and read back only every few steps
+(`running`, `check_finite`) and at the end of an epoch, so the loop never waits for
+the device.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from amoc.io import write_text
+from amoc.stopping import check_finite
+
+COLUMNS = ("epoch", "loss", "loss_clean", "loss_adv", "lr", "images_per_s", "seconds", "knn_acc")
+LOSSES = ("loss", "loss_clean", "loss_adv")
+
+
+class EpochLog:
+    """Running sums of the current epoch plus one row per finished epoch."""
+
+    def __init__(self, path: str | Path, *, has_adv_loss: bool) -> None:
+        self.path = Path(path)
+        self.has_adv_loss = has_adv_loss
+        self.rows: list[dict[str, Any]] = []
+        self.sums: torch.Tensor | None = None  # 3 losses, summed over the epoch's steps
+        self.count = 0
+        self.lr = 0.0
+
+    def add(self, losses: dict[str, torch.Tensor], lr: float) -> None:
+        step = torch.stack([losses["loss"], losses["loss_clean"], losses.get("loss_adv", torch.zeros_like(losses["loss"]))])
+        if self.sums is None:
+            self.sums = step
+        else:
+            self.sums.add_(step)
+        self.count += 1
+        self.lr = lr
+
+    def running(self) -> dict[str, float]:
+        """Mean losses of the epoch so far (one host sync)."""
+        if self.sums is None:
+            return {}
+        means = (self.sums / self.count).tolist()
+        return {name: value for name, value in zip(LOSSES, means) if name != "loss_adv" or self.has_adv_loss}
+
+    def check_finite(self, *, epoch: int, step: int) -> None:
+        """NumericalError if any loss since the start of the epoch was NaN or inf."""
+        if self.sums is not None:
+            check_finite(dict(zip(LOSSES, self.sums)), epoch=epoch + 1, step=step)
+
+    def end_epoch(self, epoch: int, *, images: int, seconds: float, knn_acc: float | None) -> dict[str, Any]:
+        """Close the epoch's row (epoch counted from 1) and rewrite log.csv."""
+        means = self.running()
+        row = {"epoch": epoch, "loss": means.get("loss"), "loss_clean": means.get("loss_clean"),
+               "loss_adv": means.get("loss_adv"), "lr": self.lr, "images_per_s": images / max(seconds, 1e-9),
+               "seconds": seconds, "knn_acc": knn_acc}
+        self.rows.append(row)
+        self.sums, self.count = None, 0
+        self.write()
+        return row
+
+    def write(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        write_text(self.path, buf.getvalue())
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"rows": [dict(r) for r in self.rows], "count": self.count, "lr": self.lr,
+                "sums": None if self.sums is None else self.sums.detach().cpu()}
+
+    def load_state(self, state: dict[str, Any], device: torch.device) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+        self.count, self.lr = state["count"], state["lr"]
+        self.sums = None if state["sums"] is None else state["sums"].to(device)
+
+
+class Progress:
+    """A tqdm bar over all steps of the run: loss, lr, images/s; updated on sync only."""
+
+    def __init__(self, total: int, done: int, batch_size: int, *, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=done, unit="step", desc="pretrain", disable=not enabled,
+                        dynamic_ncols=True, leave=False)
+        self.batch_size = batch_size
+        self.last = (done, time.perf_counter())
+
+    def restart(self, done: int) -> None:
+        """Start the images/s clock afresh (after the k-NN monitor or a checkpoint)."""
+        self.last = (done, time.perf_counter())
+
+    def update(self, done: int, log: EpochLog, lr: float) -> None:
+        """Move the bar to `done` steps; reads the running losses (a host sync) only
+        when the bar is shown."""
+        now = time.perf_counter()
+        steps, seconds = done - self.last[0], now - self.last[1]
+        self.last = (done, now)
+        if self.bar.disable:
+            return
+        self.bar.update(steps)
+        postfix = {name: f"{value:.3f}" for name, value in log.running().items()}
+        postfix.update(lr=f"{lr:.4f}", img_s=f"{steps * self.batch_size / max(seconds, 1e-9):.0f}")
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
