@@ -83,8 +83,12 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file object, not the temp path: torch names the zip's inner folder
+    # after a path's stem (here the random temp name, so identical runs wrote different
+    # bytes), and its C++ path writer reports a full disk as a RuntimeError
+    # ("unexpected pos ...") where a file object raises OSError(ENOSPC).
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -99,6 +103,7 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         # torch's message starts with generic advice; the line naming the refused global is the useful one
         named = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
         first = (named or lines or ["unsafe content"])[0].replace("WeightsUnpickler error: ", "")
+        first = first.split(" was not an allowed global")[0]  # drop torch's advice to allow it
         raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only checkpoints written by amoc are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that writes it") from None

@@ -37,6 +37,8 @@ def check_member(member: tarfile.TarInfo, archive: Path, max_bytes: int) -> None
     if member.ischr() or member.isblk() or member.isfifo():
         kind = "character device" if member.ischr() else "block device" if member.isblk() else "fifo"
         raise DataError(f"{where} is a {kind}; only plain files and folders are allowed in data archives")
+    if member.isfile() and not member_parts(name):
+        raise DataError(f"{where} is a file without a name; refusing the archive (use a trusted copy of the data set)")
     if not (member.isfile() or member.isdir()):
         raise DataError(f"{where} has unsupported tar type {member.type!r}; only plain files and folders are allowed")
     if member.size > max_bytes:

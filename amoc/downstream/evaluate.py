@@ -27,7 +27,7 @@ from amoc.downstream.classifier import Classifier, read_classifier
 from amoc.downstream.losses import ce_attack
 from amoc.errors import DataError
 from amoc.io import RunLock
-from amoc.runtime import Runtime, setup
+from amoc.runtime import Runtime, oom_hint, setup
 
 AUTOATTACK_STEPS = 100        # APGD-CE, APGD-T and FAB-T iterations of standard AutoAttack
 AUTOATTACK_QUERIES = 5000     # Square
@@ -123,7 +123,7 @@ def _attack_settings(a: AttackConfig, n: int) -> dict[str, Any]:
 def run(cfg: Config, args: argparse.Namespace) -> int:
     e = cfg.evaluate
     out = Path(args.out)
-    with RunLock(out):
+    with RunLock(out), oom_hint("evaluate", "evaluate.batch_size", e.batch_size):
         rt = setup(cfg.runtime, cfg.seed)
         model, provenance = read_classifier(args.model)
         model = rt.prepare(model).eval().requires_grad_(False)  # FAB calls .backward(): no weight grads

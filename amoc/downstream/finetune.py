@@ -39,7 +39,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                           "init_sha256": file_digest(args.init)}
         model = rt.prepare(Classifier(encoder, int(stats["num_classes"]), branch))
         f = cfg.finetune
-        spec = TrainSpec.from_section(f, loss=f.loss, weight_decay=f.weight_decay)
+        spec = TrainSpec.from_section(f, name="finetune", loss=f.loss, weight_decay=f.weight_decay)
         train_classifier(model, model, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,
                          train_mode=True, desc=f"finetune {provenance['mode']}", provenance=provenance)
     return 0

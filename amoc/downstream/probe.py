@@ -35,9 +35,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         model.eval()
         p = cfg.probe
         if args.mode == "slf":
-            spec = TrainSpec.from_section(p, loss="ce", weight_decay=p.weight_decay_slf)
+            spec = TrainSpec.from_section(p, name="probe", loss="ce", weight_decay=p.weight_decay_slf)
         else:
-            spec = TrainSpec.from_section(p, loss=p.alf_loss, weight_decay=p.weight_decay)
+            spec = TrainSpec.from_section(p, name="probe", loss=p.alf_loss, weight_decay=p.weight_decay)
         provenance = {"stage": "probe", "mode": args.mode, "init": str(args.encoder),
                       "init_sha256": file_digest(args.encoder)}
         train_classifier(model, model.head, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,

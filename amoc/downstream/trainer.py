@@ -33,7 +33,7 @@ from amoc.downstream.augment import crop_flip
 from amoc.downstream.classifier import Classifier, save_classifier
 from amoc.downstream.losses import ce_attack, trades_attack, trades_loss
 from amoc.errors import DataError
-from amoc.runtime import Runtime, eval_mode
+from amoc.runtime import Runtime, eval_mode, oom_hint
 from amoc.schedule import multistep, set_lr
 from amoc.stopping import StopSignals, Stopped, check_finite, check_finite_params
 
@@ -55,13 +55,14 @@ class TrainSpec:
     lr_gamma: float
     beta: float
     attack: AttackConfig
+    section: str = "finetune"  # the params section, for error messages ("probe.batch_size")
 
     @classmethod
-    def from_section(cls, section: Any, *, loss: LossName, weight_decay: float) -> "TrainSpec":
+    def from_section(cls, section: Any, *, name: str, loss: LossName, weight_decay: float) -> "TrainSpec":
         return cls(loss=loss, epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
                    momentum=section.momentum, weight_decay=weight_decay,
                    milestones=tuple(section.milestones), lr_gamma=section.lr_gamma, beta=section.beta,
-                   attack=section.attack)
+                   attack=section.attack, section=name)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -140,7 +141,7 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                 "perm": None if perm is None else perm.cpu(), "partial": partial, "rows": rows}
 
     model.train(train_mode)
-    with StopSignals() as stop:
+    with StopSignals() as stop, oom_hint(desc, f"{spec.section}.batch_size", spec.batch_size):
         for epoch in range(start_epoch, spec.epochs):
             lr = multistep(epoch, spec.lr, spec.milestones, spec.lr_gamma)
             set_lr(optimizer, lr)
