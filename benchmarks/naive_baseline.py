@@ -1,0 +1,299 @@
+"""Benchmark: a slice of AMOC pre-training through a straightforward reference pipeline
+(per-image PIL augmentation in a torch DataLoader, fp32, eager) vs the path `amoc
+pretrain` runs (uint8 dataset resident on the device, batched SimCLRAugment, bf16
+autocast and channels_last where runtime.setup turns them on, i.e. on CUDA).
+
+    .venv/bin/python benchmarks/naive_baseline.py [--data DIR|DIR/train.npz] [--variant ACA]
+        [--batch 256] [--width 1] [--device cpu|cuda] [--steps 3] [--pgd-steps 5]
+        [--workers 0] [--repeats 3] [--warmup 1] [--threads N] [--naive-attack]
+
+Prints ``name: value unit`` lines; "images/s" counts source images (each gives a query
+and a key view) per second of wall clock, over `steps` training iterations including
+loading and augmentation, median of `repeats` slices after `warmup` iterations.
+
+What is compared (the reading chosen so that the comparison is honest):
+
+- Both sides run the *same* AMOC iteration: amoc.pretrain.step.TrainStep with
+  amoc.pretrain.attack.ContrastiveAttack (PGD with autograd.grad to the input), on two
+  MoCo models built identically from the same seed. Only the input pipeline and the
+  precision / memory format differ, so the speedup is what our data path and runtime
+  settings buy, not an artefact of a deliberately slow step.
+- Reference side: a Dataset that, like torchvision's CIFAR10, builds a PIL image per
+  item from the uint8 array and applies the MoCo/SimCLR CIFAR transform twice
+  (RandomResizedCrop(32, scale=(0.2, 1)), RandomHorizontalFlip, RandomApply(
+  ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(0.2), RandomApply(
+  GaussianBlur(3, sigma=(0.1, 2.0)), p=0.5), ToTensor), a torch DataLoader (shuffle,
+  drop_last, `--workers` worker processes; pin_memory on CUDA) and a host-to-device copy
+  per batch; fp32, contiguous (NCHW) layout, no autocast, no compile.
+- Our side: exactly the `Pretraining.train_epoch` loop body: index the device-resident
+  uint8 tensor with an epoch permutation, SimCLRAugment twice with the run's device
+  generator, rt.images (channels_last on CUDA), TrainStep under rt.autocast (bf16 on
+  CUDA, fp32 on the CPU).
+- ``--naive-attack`` additionally makes the reference side's PGD call loss.backward()
+  (accumulating weight gradients of the query net and reading x_adv.grad) instead of
+  autograd.grad to the input, as code adapted from a supervised-training loop often
+  does. It is off by default, because our attack is not what this benchmark is about;
+  turn it on to see the cost of that habit on top.
+
+On the CPU runtime.setup chooses fp32 without channels_last, so there the two sides
+differ only in the input pipeline, and at ResNet-18 sizes the step dominates (see
+docs/perf-notes.md: data loading is negligible on the CPU); the interesting figure is
+on CUDA, where the step is fast enough that a PIL loader becomes the bottleneck.
+On CUDA every slice is bracketed by torch.cuda.synchronize().
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amoc import config as config_mod  # noqa: E402
+from amoc.nets.resnet import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from amoc.pretrain.attack import ContrastiveAttack  # noqa: E402
+from amoc.pretrain.augment import SimCLRAugment  # noqa: E402
+from amoc.pretrain.losses import info_nce  # noqa: E402
+from amoc.pretrain.moco import build_moco  # noqa: E402
+from amoc.pretrain.stage import epoch_order, make_optimizer  # noqa: E402
+from amoc.pretrain.step import TrainStep  # noqa: E402
+from amoc.pretrain.variants import Variant  # noqa: E402
+from amoc.runtime import eval_mode, setup  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def pil_pipeline():
+    import torchvision.transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5),
+        T.ToTensor(),
+    ])
+
+
+class TwoViewPIL(torch.utils.data.Dataset):
+    """uint8 N x 3 x 32 x 32 -> (query view, key view), one PIL image per item, as
+    torchvision's CIFAR10 dataset plus MoCo's TwoCropsTransform do it."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # N x H x W x 3, as CIFAR10.data
+        self.transform = pil_pipeline()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        img = Image.fromarray(self.x[i])
+        return self.transform(img), self.transform(img)
+
+
+def load_images(path: str | None, n: int, seed: int) -> np.ndarray:
+    if path is None:
+        return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    p = Path(path)
+    if p.is_dir():
+        p = p / "train.npz"
+    with np.load(p, allow_pickle=False) as blob:
+        x = blob["x"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (3, 32, 32):
+        raise SystemExit(f"{p}: expected x uint8 N x 3 x 32 x 32, got {x.dtype} {x.shape}")
+    return x
+
+
+class NaiveContrastiveAttack(ContrastiveAttack):
+    """The same PGD on L_adv, but each step calls loss.backward() (weight gradients of
+    the query net are computed and then zeroed) and reads x_adv.grad."""
+
+    def __call__(self, x_query, x_key, generator=None):
+        v, model, c = self.variant, self.model, self.cfg
+        if not v.has_adv_loss:
+            return None, None
+        batch = x_query.shape[0]
+        with eval_mode(model):
+            negatives = model.negatives(v.negatives)
+            with torch.no_grad():
+                query = None if v.adv_query else model.queries(x_query, "clean")
+                key = None if v.adv_key else model.keys(x_key, "clean")
+            views = [x for x, adv in ((x_query, v.adv_query), (x_key, v.adv_key)) if adv]
+            x = torch.cat(views) if len(views) == 2 else views[0]
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_adv = (x + (2 * noise - 1) * c.eps).clamp(0, 1) if c.random_start else x.clone()
+            for _ in range(c.steps):
+                x_adv = x_adv.detach().requires_grad_(True)
+                parts = iter(x_adv.split(batch))
+                q = model.queries(next(parts), "adv") if v.adv_query else query
+                k = model.embed(model.key, next(parts), "adv") if v.adv_key else key
+                loss = info_nce(q, k, negatives, reduction="sum")
+                model.zero_grad()
+                loss.backward()
+                with torch.no_grad():
+                    x_adv = x_adv + c.step_size * x_adv.grad.sign()
+                    x_adv = torch.min(torch.max(x_adv, x - c.eps), x + c.eps).clamp(0, 1)
+            model.zero_grad()
+        parts = iter(x_adv.detach().split(batch))
+        return (next(parts) if v.adv_query else None), (next(parts) if v.adv_key else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="prepared data folder or its train.npz (x: N x 3 x 32 x 32 uint8); default random images")
+    ap.add_argument("--variant", default="ACA")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--width", type=float, default=1.0, help="ResNet-18 channel multiplier (1 = paper)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--queue", type=int, default=32768, help="queue_size (K1 = K2)")
+    ap.add_argument("--steps", type=int, default=3, help="training iterations per timed slice")
+    ap.add_argument("--pgd-steps", type=int, default=5, help="PGD steps of the contrastive attack")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes of the reference side")
+    ap.add_argument("--repeats", type=int, default=3, help="timed slices per side (interleaved)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations per side first")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--naive-attack", action="store_true", help="reference PGD uses loss.backward() (see docstring)")
+    ap.add_argument("--no-naive", action="store_true", help="time our path only")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    def make_cfg(precision: str, channels_last: str):
+        return config_mod.from_dict({
+            "variant": args.variant, "queue_size": max(args.queue, args.batch), "seed": args.seed,
+            "model": {"width": args.width},
+            "pretrain": {"batch_size": args.batch, "lr": 0.01, "attack": {"steps": args.pgd_steps}},
+            "runtime": {"device": args.device, "precision": precision, "channels_last": channels_last,
+                        "threads": args.threads, "progress": False},
+        })
+
+    # Images needed: the whole slice schedule of both sides, drawn without repeats where possible.
+    need = args.batch * (args.warmup + args.steps * args.repeats)
+    x_np = load_images(args.data, max(need, args.batch), args.seed)
+    v = Variant.parse(args.variant)
+
+    def build(cfg, rt, naive_attack: bool):
+        torch.manual_seed(cfg.seed)  # identical initial weights on both sides
+        model = rt.prepare(build_moco(cfg, CIFAR10_MEAN, CIFAR10_STD)).train()
+        optimizer = make_optimizer(model, cfg, rt.device)
+        attack_cls = NaiveContrastiveAttack if naive_attack else ContrastiveAttack
+        attack = attack_cls(model, v, cfg.pretrain.attack, autocast=rt.autocast)
+        return TrainStep(model, v, optimizer, attack, leverage=cfg.leverage, enqueue_order=cfg.pretrain.enqueue_order,
+                         autocast=rt.autocast)
+
+    # ------------------------------------------------------------------ ours: as `amoc pretrain`
+    cfg = make_cfg("auto", "auto")
+    rt = setup(cfg.runtime, cfg.seed)
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    step_ours = build(cfg, rt, False)
+    train_x = torch.from_numpy(x_np).to(rt.device)  # resident uint8
+    augment = SimCLRAugment(cfg.pretrain.augment, size=train_x.shape[-1])
+    generator = rt.generator(cfg.seed)
+    n_batches = len(train_x) // args.batch
+    ours_state = {"epoch": 0, "pos": 0, "order": epoch_order(cfg.seed, 0, len(train_x)).to(rt.device)}
+
+    def ours_iter() -> None:
+        s = ours_state
+        if s["pos"] == n_batches:
+            s["epoch"] += 1
+            s["pos"] = 0
+            s["order"] = epoch_order(cfg.seed, s["epoch"], len(train_x)).to(rt.device)
+        images = train_x[s["order"][s["pos"] * args.batch:(s["pos"] + 1) * args.batch]]
+        x_query = rt.images(augment(images, generator=generator))
+        x_key = rt.images(augment(images, generator=generator))
+        step_ours(x_query, x_key, generator)
+        s["pos"] += 1
+
+    # ------------------------------------------------------------------ reference: PIL DataLoader, fp32
+    naive_iter: Callable[[], None] | None = None
+    if not args.no_naive:
+        ncfg = make_cfg("fp32", "off")
+        nrt = setup(ncfg.runtime, ncfg.seed)
+        step_naive = build(ncfg, nrt, args.naive_attack)
+        ngen = nrt.generator(ncfg.seed + 1)
+        loader = torch.utils.data.DataLoader(
+            TwoViewPIL(x_np), batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
+            pin_memory=nrt.device.type == "cuda", persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(args.seed))
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            while True:
+                yield from loader
+
+        it = batches()
+
+        def naive_iter() -> None:
+            x_query, x_key = next(it)
+            x_query = x_query.to(nrt.device, non_blocking=True)
+            x_key = x_key.to(nrt.device, non_blocking=True)
+            step_naive(x_query, x_key, ngen)
+
+    def slice_time(fn: Callable[[], None]) -> tuple[float, float]:
+        sync()
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            fn()
+        sync()
+        return time.perf_counter() - t, time.process_time() - c
+
+    load0 = os.getloadavg()[0]
+    for _ in range(args.warmup):
+        ours_iter()
+        if naive_iter is not None:
+            naive_iter()
+    sync()
+    t_ours, t_naive = [], []
+    for _ in range(args.repeats):  # interleaved: both sides see the same machine state
+        t_ours.append(slice_time(ours_iter))
+        if naive_iter is not None:
+            t_naive.append(slice_time(naive_iter))
+    load1 = os.getloadavg()[0]
+
+    images = args.steps * args.batch
+    med = statistics.median(t for t, _ in t_ours)
+    print(f"machine: {cpu_name() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)}")
+    print(f"config: variant={v.name} batch={args.batch} width={args.width} queue={max(args.queue, args.batch)} "
+          f"pgd_steps={args.pgd_steps} steps={args.steps} device={rt.device} threads={torch.get_num_threads()} "
+          f"workers={args.workers} naive_attack={args.naive_attack} torch={torch.__version__} "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} repeats={args.repeats} warmup={args.warmup}")
+    print(f"data: {args.data or 'random uint8'} ({len(x_np)} images)")
+    print(f"load_average_1min: {load0:.2f} before, {load1:.2f} after")
+    print(f"ours_precision: {rt.amp_dtype or 'fp32'} channels_last={rt.channels_last}")
+    print(f"ours_slice_time: {med:.3f} s")
+    print(f"ours_images_per_s: {images / med:.1f} images/s")
+    if t_naive:
+        med_n = statistics.median(t for t, _ in t_naive)
+        print(f"naive_precision: fp32 channels_last=False")
+        print(f"naive_slice_time: {med_n:.3f} s")
+        print(f"naive_images_per_s: {images / med_n:.1f} images/s")
+        print(f"naive_speedup: {med_n / med:.2f} x")
+        if rt.device.type == "cpu":  # CPU seconds of this process (workers excluded): steadier under load
+            cpu_o = statistics.median(c for _, c in t_ours)
+            cpu_n = statistics.median(c for _, c in t_naive)
+            note = "" if args.workers == 0 else " (DataLoader workers' CPU time not counted)"
+            print(f"ours_cpu_seconds: {cpu_o:.3f} s per slice")
+            print(f"naive_cpu_seconds: {cpu_n:.3f} s per slice{note}")
+            print(f"naive_speedup_cpu_seconds: {cpu_n / cpu_o:.2f} x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
