@@ -243,7 +243,9 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     summary = fit(model, trainable, spec, x, y, rt, out, seed=cfg.seed, fingerprint=fp, resume=resume,
                   train_mode=train_mode, desc=desc)
     prov = {**provenance, "data": str(data), "data_sha256": data_digest, "seed": cfg.seed,
-            "train": {k: v for k, v in summary.items() if k != "spec"}, "spec": summary["spec"],
+            # wall-clock figures stay out of the weights file: identical runs, identical bytes
+            "train": {k: v for k, v in summary.items() if k not in ("spec", "seconds", "images_per_s")},
+            "spec": summary["spec"],
             "amoc_version": __version__, "torch_version": str(torch.__version__)}
     save_classifier(out / "classifier.pt", model, prov)
     metrics = {**{k: v for k, v in summary.items() if k != "spec"}, **provenance, "bn_branch": model.bn_branch,

@@ -1,0 +1,16 @@
+# Shared by the rules. Kept tiny: the rules should read like their dvc.yaml stages.
+from functools import reduce
+
+MODELS = ["slf", "alf", "aff", "scratch"]  # every classifier that is evaluated
+
+# What each stage reads from params.yaml goes into its `params:`, listed by the same dotted
+# keys as in dvc.yaml. runtime.device, threads, progress, compile and channels_last are
+# never listed: they change how a job runs, not what it computes (runtime.precision does).
+
+
+def cfg(*keys):
+    """{dotted key: config value}, e.g. cfg("seed", "runtime.precision").
+
+    Spread into `params:` (params: **cfg(...)), so that Snakemake's params trigger re-runs
+    the job, and everything downstream of it, exactly when one of these values changes."""
+    return {key: reduce(lambda node, part: node[part], key.split("."), config) for key in keys}

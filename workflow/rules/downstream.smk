@@ -1,0 +1,69 @@
+# Classifiers on top of the pre-trained encoder, plus the from-scratch baseline. Their
+# runs/<m>/checkpoints folders are resume state, not outputs (see pretrain.smk).
+
+
+rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversarial)
+    input:
+        "data/prepared",
+        "runs/pretrain/encoder.pt",
+    output:
+        "runs/{mode}/classifier.pt",
+        "runs/{mode}/metrics.json",
+        "runs/{mode}/log.csv",
+    wildcard_constraints:
+        mode="slf|alf",
+    params:
+        **cfg("seed", "probe", "runtime.precision"),
+    log:
+        "logs/probe_{mode}.log",
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/amoc.yaml"
+    shell:
+        "amoc probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
+        " --encoder runs/pretrain/encoder.pt --data data/prepared --out runs/{wildcards.mode} --resume > {log} 2>&1"
+
+
+rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
+    input:
+        "data/prepared",
+        "runs/pretrain/encoder.pt",
+    output:
+        "runs/aff/classifier.pt",
+        "runs/aff/metrics.json",
+        "runs/aff/log.csv",
+    params:
+        **cfg("seed", "finetune", "runtime.precision"),  # no `model`: encoder.pt carries it
+    log:
+        "logs/finetune_aff.log",
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/amoc.yaml"
+    shell:
+        "amoc finetune --params params.yaml --set seed={params.seed}"
+        " --init runs/pretrain/encoder.pt --data data/prepared --out runs/aff --resume > {log} 2>&1"
+
+
+rule finetune_scratch:  # the same adversarial training from a random init: the baseline
+    input:
+        "data/prepared",
+    output:
+        "runs/scratch/classifier.pt",
+        "runs/scratch/metrics.json",
+        "runs/scratch/log.csv",
+    params:
+        **cfg("seed", "finetune", "model.arch", "model.width", "runtime.precision"),
+    log:
+        "logs/finetune_scratch.log",
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/amoc.yaml"
+    shell:
+        "amoc finetune --params params.yaml --set seed={params.seed}"
+        " --init scratch --data data/prepared --out runs/scratch --resume > {log} 2>&1"

@@ -1,0 +1,21 @@
+rule evaluate:  # clean, PGD-20 and AutoAttack accuracy, plus accuracy against eps
+    input:
+        "data/prepared",
+        "runs/{model}/classifier.pt",
+    output:
+        "runs/{model}/eval/eval.json",
+        "runs/{model}/eval/curve.csv",
+    wildcard_constraints:
+        model="|".join(MODELS),
+    params:
+        **cfg("seed", "evaluate", "runtime.precision"),
+    log:
+        "logs/evaluate_{model}.log",
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../envs/amoc.yaml"
+    shell:
+        "amoc evaluate --params params.yaml --set seed={params.seed}"
+        " --model runs/{wildcards.model}/classifier.pt --data data/prepared --out runs/{wildcards.model}/eval > {log} 2>&1"
