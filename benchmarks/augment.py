@@ -28,19 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoc.config import AugmentConfig  # noqa: E402
 from amoc.pretrain.augment import SimCLRAugment  # noqa: E402
-
-
-def pil_pipeline():
-    import torchvision.transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5),
-        T.ToTensor(),
-    ])
+from common import pil_pipeline  # noqa: E402  (benchmarks/common.py)
 
 
 def load_batch(path: str | None, batch: int, seed: int) -> torch.Tensor:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,16 +55,7 @@ from amoc.downstream import evaluate as ev  # noqa: E402
 from amoc.downstream.classifier import Classifier  # noqa: E402
 from amoc.nets.resnet import build_encoder  # noqa: E402
 from amoc.runtime import setup  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 
 
 def load_test(folder: str | None, n: int, seed: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -67,29 +66,7 @@ from amoc.pretrain.stage import epoch_order, make_optimizer  # noqa: E402
 from amoc.pretrain.step import TrainStep  # noqa: E402
 from amoc.pretrain.variants import Variant  # noqa: E402
 from amoc.runtime import eval_mode, setup  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def pil_pipeline():
-    import torchvision.transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.5),
-        T.ToTensor(),
-    ])
+from common import cpu_name, pil_pipeline  # noqa: E402  (benchmarks/common.py)
 
 
 class TwoViewPIL(torch.utils.data.Dataset):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,16 +44,7 @@ from amoc.pretrain.stage import make_optimizer  # noqa: E402
 from amoc.pretrain.step import TrainStep  # noqa: E402
 from amoc.pretrain.variants import Variant  # noqa: E402
 from amoc.runtime import eval_mode, frozen, setup  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 
 
 def median_time(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
