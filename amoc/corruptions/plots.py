@@ -128,7 +128,7 @@ def transfer_heatmap(runs_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     fig = Figure(figsize=(1.3 * len(targets) + 3.5, 0.6 * len(grid) + 2))
     ax = fig.subplots()
     sns.heatmap(grid, annot=True, fmt=".1f", vmin=0, vmax=100, cmap="magma", ax=ax,
-                cbar_kws={"label": "accuracy (%) on adversarial images"})
+                cbar_kws={"label": "robust accuracy (%): correct clean and attacked"})
     a = report["attack"]
     ax.set_title(f"Transfer PGD-{a['steps']} (L-inf eps {a['eps_255']:g}/255), {report['n_images']} test images\n"
                  "rows: model the examples were crafted on; columns: model scored; * = suspect gradient masking",
