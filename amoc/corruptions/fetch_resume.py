@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amoc.data.fetch import CHUNK, TIMEOUT_S, hash_file
+from amoc.data.fetch import CHUNK, TIMEOUT_S, content_length, hash_file
 from amoc.errors import DataError
 from amoc.io import RunLock
 
@@ -93,7 +93,7 @@ def _fetch_into(url: str, part: Path, progress: bool) -> None:
                     raise DataError(f"{url}: the server resumed at byte {start}, not {offset}; delete {part} and rerun")
             else:
                 offset = 0  # a full response (200): start the file again
-                total = _content_length(response)
+                total = content_length(response)
             with open(part, "ab" if offset else "wb") as fh, tqdm(
                     total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=part.name[:-5], disable=not progress, file=sys.stderr, leave=False) as bar:
@@ -120,14 +120,6 @@ def _content_range(value: str) -> tuple[int, int | None]:
     if not m:
         raise DataError(f"unexpected Content-Range {value!r} in a 206 response; delete the .part file and rerun")
     return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
-
-
-def _content_length(response) -> int | None:
-    try:
-        value = int(response.headers.get("Content-Length", ""))
-    except ValueError:
-        return None
-    return value if value >= 0 else None
 
 
 def _read_json(path: Path) -> object:

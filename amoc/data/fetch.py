@@ -144,7 +144,7 @@ def _download(source: Source, workdir: Path, progress: bool) -> tuple[Path, str]
     received = 0
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as fh:
-            total = _content_length(response)
+            total = content_length(response)
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                       disable=not progress, file=sys.stderr, leave=False) as bar:
                 while chunk := response.read(CHUNK):
@@ -176,7 +176,8 @@ def _download(source: Source, workdir: Path, progress: bool) -> tuple[Path, str]
     return final, digest
 
 
-def _content_length(response) -> int | None:
+def content_length(response) -> int | None:
+    """The response's Content-Length, or None when it is absent or not a count."""
     try:
         value = int(response.headers.get("Content-Length", ""))
     except ValueError:
