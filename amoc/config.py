@@ -330,10 +330,10 @@ def _cross_checks(cfg: Config) -> Config:
             raise ConfigError(f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least one batch of keys (raise it or lower pretrain.batch_size)")
     if p.warmup_epochs > p.epochs:
         raise ConfigError(f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the number of epochs")
-    for section, aug_lists in (("pretrain.augment", (("crop_scale", p.augment.crop_scale), ("crop_ratio", p.augment.crop_ratio), ("blur_sigma", p.augment.blur_sigma))),):
-        for name, pair in aug_lists:
-            if len(pair) != 2 or pair[0] > pair[1]:
-                raise ConfigError(f"{section}.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high")
+    for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        pair = getattr(p.augment, name)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"pretrain.augment.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high")
     if len(p.augment.jitter) != 4:
         raise ConfigError(f"pretrain.augment.jitter: {_fmt(p.augment.jitter)} needs 4 values: brightness, contrast, saturation, hue")
     if p.augment.jitter[3] > 0.5:
@@ -344,19 +344,16 @@ def _cross_checks(cfg: Config) -> Config:
         ms = stage.milestones
         if list(ms) != sorted(ms) or any(m > stage.epochs for m in ms):
             raise ConfigError(f"{section}.milestones: {_fmt(ms)} must be increasing epochs within 0..{section}.epochs={stage.epochs}")
-    if cfg.data.md5 and (len(cfg.data.md5) != 32 or any(c not in "0123456789abcdefABCDEF" for c in cfg.data.md5)):
-        raise ConfigError(f"data.md5: {_fmt(cfg.data.md5)} is not an md5 digest; expected 32 hex characters")
-    if cfg.data.sha256 and (len(cfg.data.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in cfg.data.sha256)):
-        raise ConfigError(f"data.sha256: {_fmt(cfg.data.sha256)} is not a sha256 digest; expected 64 hex characters")
+    for section in ("data", "corruptions"):  # both take a checksum of a downloaded archive
+        for digest, size, article in (("md5", 32, "an"), ("sha256", 64, "a")):
+            value = getattr(getattr(cfg, section), digest)
+            if value and (len(value) != size or any(c not in "0123456789abcdefABCDEF" for c in value)):
+                raise ConfigError(f"{section}.{digest}: {_fmt(value)} is not {article} {digest} digest; expected {size} hex characters")
     for name in cfg.corruptions.names:
         if name not in CORRUPTIONS:
             close = difflib.get_close_matches(name, CORRUPTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"corruptions.names: {_fmt(name)} is not a standard corruption; choose from {', '.join(CORRUPTIONS)}{hint}")
-    for digest, size in (("md5", 32), ("sha256", 64)):
-        value = getattr(cfg.corruptions, digest)
-        if value and (len(value) != size or any(c not in "0123456789abcdefABCDEF" for c in value)):
-            raise ConfigError(f"corruptions.{digest}: {_fmt(value)} is not a {digest} digest; expected {size} hex characters")
     dev = cfg.runtime.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"runtime.device: {_fmt(dev)} is not a device; use auto, cpu, cuda or cuda:N")
