@@ -82,7 +82,8 @@ def is_safe(name: str, kind: str, size: int) -> bool:
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     absolute = name.startswith(("/", "\\")) or (len(name) >= 2 and name[1] == ":" and name[0].isalpha())
     regular = kind in ("file", "contiguous", "dir")  # tarfile counts CONTTYPE as a regular file
-    return not absolute and ".." not in parts and regular and size <= MAX_BYTES
+    nameless_file = kind in ("file", "contiguous") and not parts  # '', '.', './': no path to read
+    return not absolute and ".." not in parts and regular and not nameless_file and size <= MAX_BYTES
 
 
 def snapshot(outer: Path) -> list[str]:
