@@ -13,7 +13,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -107,6 +107,39 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only checkpoints written by amoc are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that writes it") from None
+
+
+@contextlib.contextmanager
+def stage_outputs(out: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """All-or-nothing output files `names` of a stage in folder `out`.
+
+    Locks `out`, removes earlier versions of `names` and the temp files of killed runs, and
+    on failure removes whatever this run wrote, and `out` itself if this run created it, so
+    a later stage never reads a mix of runs or a half-written set."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AmocError(f"--out {out}: exists and is not a folder; choose another output folder")
+    created = not out.exists()
+    try:
+        with RunLock(out):
+            _remove_outputs(out, names)
+            try:
+                yield out
+            except BaseException:
+                _remove_outputs(out, names)
+                raise
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only succeeds when nothing else was put there meanwhile
+        raise
+
+
+def _remove_outputs(out: Path, names: Sequence[str]) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+        for leftover in out.glob(f".{name}.*.tmp"):  # atomic_path's temp names
+            leftover.unlink(missing_ok=True)
 
 
 class RunLock:

@@ -13,11 +13,10 @@ atomically, source.json last; if anything fails, none of them remains.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from amoc.corruptions import layout, official
 from amoc.corruptions.corrupt import APPROXIMATIONS, corrupt, severity_rng
 from amoc.data.prepared import load_split, load_stats
 from amoc.errors import ConfigError, DataError
-from amoc.io import RunLock
+from amoc.io import stage_outputs
 
 CHUNK = 1000  # images per random stream; fixed, so the output depends only on the seed
 GENERATED_NOTE = ("Generated offline by amoc from the prepared test split with the published CIFAR-10-C corruption "
@@ -53,7 +52,7 @@ def run(cfg: Config, args: Any) -> int:
     if archive is None:
         x, y = load_split(args.data, "test")
         stats = load_stats(args.data)
-    with _output_folder(out):
+    with stage_outputs(out, layout.OUTPUTS):
         if archive is None:
             info = _generate_set(out, x.numpy(), y.numpy(), stats, names, severities, c.n_images, cfg.seed,
                                  cfg.runtime.progress)
@@ -127,30 +126,3 @@ def _unique(key: str, values: list[Any]) -> list[Any]:
     return list(values)
 
 
-@contextlib.contextmanager
-def _output_folder(out: Path) -> Iterator[None]:
-    """Lock `out`, remove our previous outputs (and temp files of killed runs); on failure
-    remove whatever this run wrote, and `out` itself if this run created it."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder; choose another output folder")
-    created = not out.exists()
-    try:
-        with RunLock(out):
-            _remove_ours(out)
-            try:
-                yield
-            except BaseException:
-                _remove_ours(out)
-                raise
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-
-
-def _remove_ours(out: Path) -> None:
-    for name in layout.OUTPUTS:
-        (out / name).unlink(missing_ok=True)
-        for leftover in out.glob(f".{name}.*.tmp"):  # amoc.io.atomic_path's temp names
-            leftover.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from amoc.data import cifar, digits, fetch, folder
 from amoc.data.prepared import SPLITS, split_path
 from amoc.data.splits import Splits, channel_mean_std
 from amoc.errors import DataError
-from amoc.io import RunLock, write_json, write_with
+from amoc.io import stage_outputs, write_json, write_with
 from amoc.nets.resnet import CIFAR10_MEAN, CIFAR10_STD
 
 OUTPUTS = ("train.npz", "test.npz", "stats.json")
@@ -77,39 +77,16 @@ def make_stats(name: str, source: str, checksum: str | None, splits: Splits) -> 
 
 @contextlib.contextmanager
 def _output_folder(out: Path) -> Iterator[Path]:
-    """Lock `out`, clear old outputs and leftovers of killed runs, and yield a private
-    work folder; on failure remove whatever this run wrote (and `out` if it made it)."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder; choose another output folder")
-    created = not out.exists()
-    try:
-        with RunLock(out):
-            _remove_ours(out)
-            work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=out))
-            try:
-                yield work
-            except BaseException:
-                for name in OUTPUTS:
-                    (out / name).unlink(missing_ok=True)
-                raise
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only succeeds when nothing else was put there meanwhile
-        raise
-
-
-def _remove_ours(out: Path) -> None:
-    """Old outputs and the temp files of a run that was killed (the lock says none is active)."""
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
-    for leftover in out.glob(f"{WORK_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for name in OUTPUTS:  # amoc.io.atomic_path's temp names
-        for leftover in out.glob(f".{name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+    """amoc.io.stage_outputs for our three files, plus a private work folder for the
+    download (work folders of killed runs are removed first)."""
+    with stage_outputs(out, OUTPUTS):
+        for leftover in out.glob(f"{WORK_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=out))
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _write(out: Path, splits: Splits, stats: dict[str, Any]) -> None:
