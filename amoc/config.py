@@ -102,6 +102,14 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (torchrun); batch sizes are always global batches."""
+    bn: Literal["sync", "shuffle", "local"] = "sync"  # BN statistics across ranks (only when WORLD_SIZE > 1)
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x batch_size / reference_batch (Goyal et al.)
+    reference_batch: int = spec(256, lo=1, doc="the batch size at which lr is the configured value")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     epochs: int = spec(200, lo=1)
     batch_size: int = spec(256, lo=2)
@@ -193,6 +201,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

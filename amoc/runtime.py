@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from amoc.config import RuntimeConfig
+from amoc.distributed import Dist
 from amoc.errors import AmocError
 
 
@@ -55,9 +56,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup(cfg: RuntimeConfig, seed: int) -> Runtime:
-    """Seed every RNG, set threads, pick device and precision."""
+def setup(cfg: RuntimeConfig, seed: int, dist: Dist = Dist()) -> Runtime:
+    """Seed every RNG, set threads, pick device and precision. In a multi-process CUDA
+    run each rank takes the GPU of its local rank (`runtime.device: auto` or `cuda`)."""
     device = resolve_device(cfg.device)
+    if dist.active and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(seed)

@@ -10,9 +10,11 @@ baseline of the paper's table, trained by exactly the same loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from amoc.config import Config
+from amoc.distributed import session
 from amoc.downstream.classifier import Classifier
 from amoc.downstream.probe import encoder_branch
 from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
@@ -24,8 +26,8 @@ from amoc.runtime import setup
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
-    with RunLock(out):
-        rt = setup(cfg.runtime, cfg.seed)   # seeds the random init of --init scratch
+    with session(cfg.runtime.device) as dist, RunLock(out) if dist.main else contextlib.nullcontext():
+        rt = setup(cfg.runtime, cfg.seed, dist)   # seeds the random init of --init scratch (same on every rank)
         x, y, stats = load_train_data(args.data)
         if args.init == "scratch":
             encoder = build_encoder(cfg.model.arch, cfg.model.width, stats["mean"], stats["std"])
@@ -39,7 +41,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                           "init_sha256": file_digest(args.init)}
         model = rt.prepare(Classifier(encoder, int(stats["num_classes"]), branch))
         f = cfg.finetune
-        spec = TrainSpec.from_section(f, name="finetune", loss=f.loss, weight_decay=f.weight_decay)
+        spec = TrainSpec.from_section(f, name="finetune", loss=f.loss, weight_decay=f.weight_decay, cfg=cfg)
         train_classifier(model, model, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,
-                         train_mode=True, desc=f"finetune {provenance['mode']}", provenance=provenance)
+                         train_mode=True, desc=f"finetune {provenance['mode']}", provenance=provenance, dist=dist)
     return 0

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from amoc.attacks.pgd import pgd_linf
 from amoc.config import AttackConfig
+from amoc.distributed import Shard
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,11 +39,12 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
 
 
 def trades_attack(model: Model, x: torch.Tensor, attack: AttackConfig,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """TRADES inner maximisation of the KL term around x (images in [0, 1])."""
+                  generator: torch.Generator | None = None, shard: Shard = Shard()) -> torch.Tensor:
+    """TRADES inner maximisation of the KL term around x (images in [0, 1]). `shard`: x is
+    this rank's part of a global batch (the start noise is drawn for all of it)."""
     with torch.no_grad():
         p_nat = F.softmax(model(x).float(), dim=1)                           # fixed target, B x classes
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = shard.sample(lambda shape: torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype), x.shape)
     start = x + TRADES_START_STD * noise
 
     def objective(x_adv: torch.Tensor) -> torch.Tensor:  # summed: per-sample steps
@@ -53,11 +55,16 @@ def trades_attack(model: Model, x: torch.Tensor, attack: AttackConfig,
 
 
 def ce_attack(model: Model, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Untargeted L-inf PGD on the cross-entropy (PGD-AT training, PGD-20 evaluation)."""
+              generator: torch.Generator | None = None, shard: Shard = Shard()) -> torch.Tensor:
+    """Untargeted L-inf PGD on the cross-entropy (PGD-AT training, PGD-20 evaluation).
+    `shard`: as in trades_attack, for the uniform random start."""
 
     def objective(x_adv: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x_adv).float(), y, reduction="sum")
 
+    start = None  # pgd_linf's own draw, unless the start must come from the global batch's numbers
+    if shard.world > 1 and attack.random_start and attack.eps > 0 and attack.steps > 0:
+        u = shard.sample(lambda shape: torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype), x.shape)
+        start = x + (2 * u - 1) * attack.eps
     return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                    random_start=attack.random_start, generator=generator)
+                    random_start=attack.random_start, generator=generator, start=start)

@@ -9,9 +9,11 @@ the zero-initialised linear head trains.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from amoc.config import Config
+from amoc.distributed import session
 from amoc.downstream.classifier import Classifier
 from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
 from amoc.io import RunLock
@@ -26,8 +28,8 @@ def encoder_branch(extra: dict) -> str:
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
-    with RunLock(out):
-        rt = setup(cfg.runtime, cfg.seed)
+    with session(cfg.runtime.device) as dist, RunLock(out) if dist.main else contextlib.nullcontext():
+        rt = setup(cfg.runtime, cfg.seed, dist)
         x, y, stats = load_train_data(args.data)   # fail on bad data before loading weights
         encoder, extra = load_encoder_file(args.encoder)
         model = rt.prepare(Classifier(encoder, int(stats["num_classes"]), encoder_branch(extra)))
@@ -35,11 +37,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         model.eval()
         p = cfg.probe
         if args.mode == "slf":
-            spec = TrainSpec.from_section(p, name="probe", loss="ce", weight_decay=p.weight_decay_slf)
+            spec = TrainSpec.from_section(p, name="probe", loss="ce", weight_decay=p.weight_decay_slf, cfg=cfg)
         else:
-            spec = TrainSpec.from_section(p, name="probe", loss=p.alf_loss, weight_decay=p.weight_decay)
+            spec = TrainSpec.from_section(p, name="probe", loss=p.alf_loss, weight_decay=p.weight_decay, cfg=cfg)
         provenance = {"stage": "probe", "mode": args.mode, "init": str(args.encoder),
                       "init_sha256": file_digest(args.encoder)}
         train_classifier(model, model.head, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,
-                         train_mode=False, desc=f"probe {args.mode}", provenance=provenance)
+                         train_mode=False, desc=f"probe {args.mode}", provenance=provenance, dist=dist)
     return 0

@@ -8,6 +8,13 @@ SIGINT/SIGTERM finish the current step, save a mid-epoch checkpoint and raise `S
 `--resume` continues bit-identically on the CPU (all randomness flows through one
 generator whose state is checkpointed with the weights, the optimiser and the epoch's
 permutation).
+
+Under torchrun the loop runs data-parallel as pre-training does (amoc.distributed):
+batch_size is global, each rank trains on its rows of every batch with the random
+numbers of the global batch, DDP averages the gradients (the loss is weighted by the
+rank's share, so uneven splits of the last batch still give the global mean), BN of a
+fine-tuned encoder follows distributed.bn (shuffle = local: there is no key net), and
+rank 0 writes every file. A last batch with fewer images than ranks is skipped.
 """
 from __future__ import annotations
 
@@ -29,12 +36,14 @@ from amoc import __version__, io
 from amoc.checkpoint import CheckpointManager, fingerprint, rng_state, set_rng_state
 from amoc.config import AttackConfig, Config
 from amoc.data.prepared import load_split, load_stats
+from amoc.distributed import Dist, Shard
+from amoc.distributed.bn import synchronise_bn
 from amoc.downstream.augment import crop_flip
 from amoc.downstream.classifier import Classifier, save_classifier
 from amoc.downstream.losses import ce_attack, trades_attack, trades_loss
 from amoc.errors import DataError
 from amoc.runtime import Runtime, eval_mode, oom_hint
-from amoc.schedule import multistep, set_lr
+from amoc.schedule import multistep, scaled_lr, set_lr
 from amoc.stopping import StopSignals, Stopped, check_finite, check_finite_params
 
 LossName = Literal["ce", "trades", "pgd_at"]
@@ -58,8 +67,12 @@ class TrainSpec:
     section: str = "finetune"  # the params section, for error messages ("probe.batch_size")
 
     @classmethod
-    def from_section(cls, section: Any, *, name: str, loss: LossName, weight_decay: float) -> "TrainSpec":
-        return cls(loss=loss, epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
+    def from_section(cls, section: Any, *, name: str, loss: LossName, weight_decay: float,
+                     cfg: Config) -> "TrainSpec":
+        """`cfg` supplies the learning-rate scaling rule (distributed.lr_scaling)."""
+        d = cfg.distributed
+        lr = scaled_lr(section.lr, section.batch_size, d.lr_scaling, d.reference_batch)
+        return cls(loss=loss, epochs=section.epochs, batch_size=section.batch_size, lr=lr,
                    momentum=section.momentum, weight_decay=weight_decay,
                    milestones=tuple(section.milestones), lr_gamma=section.lr_gamma, beta=section.beta,
                    attack=section.attack, section=name)
@@ -74,23 +87,39 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class Forwards(nn.Module):
+    """The model's training forwards of one step in one call (TRADES needs two), so that
+    DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(x) for x in xs)
+
+
 def loss_step(model: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor, rt: Runtime,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, logits on clean x or None, logits on x_adv or None) for one batch."""
+              generator: torch.Generator, forwards: nn.Module | None = None,
+              shard: Shard = Shard()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, logits on clean x or None, logits on x_adv or None) for one batch. The
+    attacks run on `model`; the trained forwards go through `forwards` (Forwards(model),
+    under DDP in a multi-process run)."""
+    forwards = forwards or Forwards(model)
     if spec.loss == "ce":
         with rt.autocast():
-            logits = model(x)
+            (logits,) = forwards(x)
         return F.cross_entropy(logits.float(), y), logits, None
     with eval_mode(model), rt.autocast():  # attacks use running BN statistics
         if spec.loss == "trades":
-            x_adv = trades_attack(model, x, spec.attack, generator)
+            x_adv = trades_attack(model, x, spec.attack, generator, shard=shard)
         else:
-            x_adv = ce_attack(model, x, y, spec.attack, generator)
+            x_adv = ce_attack(model, x, y, spec.attack, generator, shard=shard)
     with rt.autocast():
-        logits_adv = model(x_adv)
         if spec.loss == "pgd_at":
+            (logits_adv,) = forwards(x_adv)
             return F.cross_entropy(logits_adv.float(), y), None, logits_adv
-        logits_nat = model(x)
+        logits_adv, logits_nat = forwards(x_adv, x)
     return trades_loss(logits_nat, logits_adv, y, spec.beta), logits_nat, logits_adv
 
 
@@ -107,14 +136,17 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor,
         rt: Runtime, out: str | os.PathLike, *, seed: int, fingerprint: str, resume: bool,
-        train_mode: bool, desc: str) -> dict[str, Any]:
+        train_mode: bool, desc: str, dist: Dist = Dist(), bn: str = "sync") -> dict[str, Any]:
     """Train `trainable`'s parameters (part or all of `model`) on uint8 images x (N x C x H x W)
     and labels y. `train_mode` False keeps the whole model in eval mode (linear probes:
-    frozen BN statistics). Writes out/log.csv and out/checkpoints/; returns a summary."""
+    frozen BN statistics). Writes out/log.csv and out/checkpoints/; returns a summary.
+    `dist` and `bn` (distributed.bn): a multi-process run, see the module's docstring."""
     out = Path(out)
     device = rt.device
     x_dev, y_dev = x.to(device), y.to(device)
     n = x_dev.shape[0]
+    if train_mode:
+        synchronise_bn(model, dist, bn)  # in place: the model's modules are what gets trained
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     generator = rt.generator(seed)
@@ -122,8 +154,9 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
 
     start_epoch, start_step, perm, partial, rows = 0, 0, None, None, []
     blob = ckpts.load_latest() if resume else None
-    if not resume:
+    if not resume and dist.main:
         ckpts.clear()
+    dist.barrier()  # no rank reads while rank 0 clears
     if blob is not None:
         trainable.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
@@ -131,8 +164,9 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
         start_epoch, start_step, rows = int(blob["epoch"]), int(blob["step"]), list(blob["rows"])
         if start_step:
             perm, partial = blob["perm"].to(device), blob["partial"]
-        print(f"{desc}: resuming at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
-    elif resume:
+        if dist.main:
+            print(f"{desc}: resuming at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+    elif resume and dist.main:
         print(f"{desc}: no usable checkpoint in {ckpts.folder}; starting from the beginning", file=sys.stderr)
 
     def state(perm: torch.Tensor | None, partial: dict | None) -> dict[str, Any]:
@@ -141,6 +175,9 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                 "perm": None if perm is None else perm.cpu(), "partial": partial, "rows": rows}
 
     model.train(train_mode)
+    # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
+    forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
+
     with StopSignals() as stop, oom_hint(desc, f"{spec.section}.batch_size", spec.batch_size):
         for epoch in range(start_epoch, spec.epochs):
             lr = multistep(epoch, spec.lr, spec.milestones, spec.lr_gamma)
@@ -149,22 +186,26 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                 perm = torch.randperm(n, generator=generator, device=device)
                 partial = {"loss_sum": 0.0, "correct": 0, "adv_correct": 0, "seen": 0, "seconds": 0.0}
                 start_step = 0
-            batches = _batches(perm, spec.batch_size)
-            # device-side accumulators: no host sync per step
-            loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
-            correct = torch.tensor(partial["correct"], dtype=torch.int64, device=device)
-            adv_correct = torch.tensor(partial["adv_correct"], dtype=torch.int64, device=device)
-            seen = partial["seen"]
+            batches = [b for b in _batches(perm, spec.batch_size) if len(b) >= dist.world]
+            # device-side accumulators of this rank's images (rank 0 carries a resumed
+            # epoch's totals): no host sync per step; summed over the ranks when read
+            carried = partial if dist.main else {"loss_sum": 0.0, "correct": 0, "adv_correct": 0}
+            loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
+            correct = torch.tensor(carried["correct"], dtype=torch.int64, device=device)
+            adv_correct = torch.tensor(carried["adv_correct"], dtype=torch.int64, device=device)
+            seen = partial["seen"]  # images of the global batches so far
             t0 = time.perf_counter()
             bar = tqdm(total=len(batches), initial=start_step, desc=f"{desc} {epoch + 1}/{spec.epochs}",
-                       disable=not rt.progress, leave=False, dynamic_ncols=True)
+                       disable=not (rt.progress and dist.main), leave=False, dynamic_ncols=True)
             for step in range(start_step, len(batches)):
-                idx = batches[step]
-                xb = rt.images(crop_flip(x_dev[idx], generator))
+                shard = dist.shard(len(batches[step]))
+                idx = shard.rows(batches[step])
+                xb = rt.images(crop_flip(x_dev[idx], generator, shard=shard))
                 yb = y_dev[idx]
-                loss, logits, logits_adv = loss_step(model, spec, xb, yb, rt, generator)
+                loss, logits, logits_adv = loss_step(model, spec, xb, yb, rt, generator, forwards, shard)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages over the ranks: weight each rank's mean by its share of the batch
+                (loss * (len(idx) * dist.world / shard.total) if dist.active else loss).backward()
                 optimizer.step()
                 with torch.no_grad():
                     loss_sum += loss.detach().double() * len(idx)
@@ -172,20 +213,25 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                         correct += (logits.argmax(1) == yb).sum()
                     if logits_adv is not None:
                         adv_correct += (logits_adv.argmax(1) == yb).sum()
-                seen += len(idx)
+                seen += shard.total
                 bar.update(1)
-                if (step + 1) % FINITE_EVERY == 0 or step + 1 == len(batches):
-                    check_finite({"loss": loss}, epoch=epoch + 1, step=step + 1)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:g}")
-                if stop.requested and step + 1 < len(batches):
+                synced = (step + 1) % FINITE_EVERY == 0 or step + 1 == len(batches)
+                if synced:
+                    total = dist.sum(loss_sum)
+                    check_finite({"loss": total}, epoch=epoch + 1, step=step + 1)
+                    bar.set_postfix(loss=f"{total.item() / seen:.4f}", lr=f"{lr:g}")
+                requested = stop.requested
+                if dist.should_stop(bool(requested), synced) and step + 1 < len(batches):
                     bar.close()
-                    partial = {"loss_sum": loss_sum.item(), "correct": int(correct), "adv_correct": int(adv_correct),
+                    check_finite({"loss": dist.sum(loss_sum)}, epoch=epoch + 1, step=step + 1)
+                    partial = {"loss_sum": dist.sum(loss_sum).item(), "correct": int(dist.sum(correct)),
+                               "adv_correct": int(dist.sum(adv_correct)),
                                "seen": seen, "seconds": partial["seconds"] + time.perf_counter() - t0}
-                    check_finite({"loss": loss}, epoch=epoch + 1, step=step + 1)
-                    path = ckpts.save(epoch, state(perm, partial), step=step + 1)
-                    raise Stopped(f"{stop.requested} received: saved {path} (epoch {epoch + 1}, step {step + 1}); "
-                                  "rerun with --resume to continue")
+                    path = ckpts.save(epoch, state(perm, partial), step=step + 1) if dist.main else ckpts.folder
+                    raise Stopped(f"{requested or 'a stop signal'} received: saved {path} (epoch {epoch + 1}, "
+                                  f"step {step + 1}); rerun with --resume to continue")
             bar.close()
+            loss_sum, correct, adv_correct = dist.sum(loss_sum), dist.sum(correct), dist.sum(adv_correct)
             seconds = partial["seconds"] + time.perf_counter() - t0
             check_finite_params(trainable, epoch=epoch + 1)
             clean_acc = 100 * int(correct) / seen if spec.loss != "pgd_at" else None
@@ -196,17 +242,19 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                    "train_adv_acc": None if adv_acc is None else f"{adv_acc:.4f}",
                    "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}", "images_per_s": f"{seen / max(seconds, 1e-9):.1f}"}
             rows.append(row)
-            _write_log(out / "log.csv", rows)
-            ckpts.save(epoch + 1, state(None, None))
-            print(f"{desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc {float(row['train_acc']):.2f}%"
-                  + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
-                  + f", lr {lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s", flush=True)
+            if dist.main:
+                _write_log(out / "log.csv", rows)
+                ckpts.save(epoch + 1, state(None, None))
+                print(f"{desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc {float(row['train_acc']):.2f}%"
+                      + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
+                      + f", lr {lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s", flush=True)
             perm, partial = None, None
-            if stop.requested and epoch + 1 < spec.epochs:
+            if epoch + 1 < spec.epochs and dist.should_stop(bool(stop.requested), True):
                 raise Stopped(f"{stop.requested} received: saved the checkpoint of epoch {epoch + 1}; "
                               "rerun with --resume to continue")
 
-    _write_log(out / "log.csv", rows)
+    if dist.main:
+        _write_log(out / "log.csv", rows)
     last = rows[-1]
     total = sum(float(r["seconds"]) for r in rows)
     return {"epochs": len(rows), "train_loss": float(last["loss"]),
@@ -230,7 +278,8 @@ def load_train_data(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
 
 def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *, cfg: Config, rt: Runtime,
                      data: str | os.PathLike, train: tuple[torch.Tensor, torch.Tensor], out: str | os.PathLike,
-                     resume: bool, train_mode: bool, desc: str, provenance: dict[str, Any]) -> dict[str, Any]:
+                     resume: bool, train_mode: bool, desc: str, provenance: dict[str, Any],
+                     dist: Dist = Dist()) -> dict[str, Any]:
     """The common tail of `amoc probe` / `amoc finetune`: fit on `train` (from `data`), then
     write classifier.pt and metrics.json. `provenance` identifies the starting point and
     enters the resume fingerprint."""
@@ -239,9 +288,11 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     data_digest = file_digest(Path(data) / "train.npz")
     # what the run computes (not where or how fast): a resume must match all of it
     fp = fingerprint(provenance, dataclasses.asdict(spec), cfg.seed, data_digest, model.bn_branch,
-                     model.num_classes, str(rt.amp_dtype))
+                     model.num_classes, str(rt.amp_dtype), cfg.distributed.bn)
     summary = fit(model, trainable, spec, x, y, rt, out, seed=cfg.seed, fingerprint=fp, resume=resume,
-                  train_mode=train_mode, desc=desc)
+                  train_mode=train_mode, desc=desc, dist=dist, bn=cfg.distributed.bn)
+    if not dist.main:  # rank 0 writes the outputs
+        return summary
     prov = {**provenance, "data": str(data), "data_sha256": data_digest, "seed": cfg.seed,
             # wall-clock figures stay out of the weights file: identical runs, identical bytes
             "train": {k: v for k, v in summary.items() if k not in ("spec", "seconds", "images_per_s")},

@@ -8,6 +8,7 @@ import torch
 
 from amoc.attacks import pgd_linf
 from amoc.config import AttackConfig
+from amoc.distributed import Dist
 from amoc.pretrain.losses import info_nce
 from amoc.pretrain.moco import MoCo
 from amoc.pretrain.variants import Variant
@@ -28,15 +29,19 @@ class ContrastiveAttack:
     network with the adv BN branch (query view -> query net, key view -> key net),
     while the other view's embedding is computed once (it does not change between
     PGD steps), without gradient, with the clean BN branch and, like everything in
-    the attack, in eval mode. PGD's random start uses `generator`.
+    the attack, in eval mode. PGD's random start uses `generator`; in a data-parallel
+    run (`dist`) it is drawn for the global batch and each rank keeps its rows, so the
+    start of every image does not depend on the number of ranks.
     """
 
     def __init__(self, model: MoCo, variant: Variant, cfg: AttackConfig,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 dist: Dist = Dist()) -> None:
         self.model = model
         self.variant = variant
         self.cfg = cfg
         self.autocast = autocast
+        self.dist = dist
 
     def __call__(self, x_query: torch.Tensor, x_key: torch.Tensor,
                  generator: torch.Generator | None = None) -> Views:
@@ -61,7 +66,19 @@ class ContrastiveAttack:
                     k = model.embed(model.key, next(parts), "adv") if v.adv_key else key
                 return info_nce(q, k, negatives, reduction="sum")
 
-            x_adv = pgd_linf(x, objective, eps=self.cfg.eps, step_size=self.cfg.step_size,
-                             steps=self.cfg.steps, random_start=self.cfg.random_start, generator=generator)
+            x_adv = pgd_linf(x, objective, eps=self.cfg.eps, step_size=self.cfg.step_size, steps=self.cfg.steps,
+                             random_start=self.cfg.random_start, generator=generator,
+                             start=self._random_start(x, len(views), generator))
         parts = iter(x_adv.split(batch))
         return (next(parts) if v.adv_query else None), (next(parts) if v.adv_key else None)
+
+    def _random_start(self, x: torch.Tensor, n_views: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Uniform noise in the eps-ball, the same numbers pgd_linf would draw for one
+        process; None when there is nothing to draw (pgd_linf then draws nothing)."""
+        c = self.cfg
+        if not (self.dist.active and c.random_start and c.eps > 0 and c.steps > 0):
+            return None
+        shard = self.dist.shard(x.shape[0] // n_views * self.dist.world)  # x: views x B/N images
+        noise = shard.rows(torch.rand((n_views, shard.total, *x.shape[1:]), generator=generator, device=x.device,
+                                      dtype=x.dtype), dim=1)
+        return x + (2 * noise.reshape(x.shape) - 1) * c.eps

@@ -71,6 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from amoc.config import AugmentConfig
+from amoc.distributed import Shard
 
 __all__ = ["SimCLRAugment", "interp_matrix", "gaussian_kernels", "gaussian_blur", "resized_crop",
            "rgb_to_gray", "adjust_hue"]
@@ -414,13 +415,18 @@ class SimCLRAugment(nn.Module):
         return h, w
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, images: Tensor, generator: torch.Generator | None = None, shard: Shard | None = None) -> Tensor:
         """images: B x 3 x H x W uint8 (or float in [0,1]) on any device -> float32
-        B x 3 x size x size in [0,1]; every sample gets its own random parameters."""
+        B x 3 x size x size in [0,1]; every sample gets its own random parameters.
+        With a data-parallel `shard`, `images` are this rank's rows of a global batch: the
+        parameters are drawn for the global batch and cut to these rows."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected B x 3 x H x W images, got shape {tuple(images.shape)}")
         b, _, hgt, wid = images.shape
-        params = self.sample_params(b, generator=generator, device=images.device, height=hgt, width=wid)
+        params = self.sample_params(b if shard is None else shard.total, generator=generator, device=images.device,
+                                    height=hgt, width=wid)
+        if shard is not None:
+            params = {name: shard.rows(value) for name, value in params.items()}
         return self.apply_params(images, params)
 
     def apply_params(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:

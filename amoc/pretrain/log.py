@@ -25,8 +25,8 @@ LOSSES = ("loss", "loss_clean", "loss_adv")
 class EpochLog:
     """Running sums of the current epoch plus one row per finished epoch."""
 
-    def __init__(self, path: str | Path, *, has_adv_loss: bool) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None, *, has_adv_loss: bool) -> None:
+        self.path = None if path is None else Path(path)  # None: keep the rows, write nothing (ranks > 0)
         self.has_adv_loss = has_adv_loss
         self.rows: list[dict[str, Any]] = []
         self.sums: torch.Tensor | None = None  # 3 losses, summed over the epoch's steps
@@ -66,6 +66,8 @@ class EpochLog:
         return row
 
     def write(self) -> None:
+        if self.path is None:
+            return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()

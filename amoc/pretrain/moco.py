@@ -21,6 +21,15 @@ from amoc.nets.dual_bn import Branch
 from amoc.pretrain.variants import QueueName
 
 
+def embed(net: nn.Module, x: torch.Tensor, branch: Branch, temperature: float) -> torch.Tensor:
+    """x: B x 3 x H x W in [0,1] -> B x feature_dim, unit norm / sqrt(T), in fp32, with
+    every dual BN of `net` on `branch`. Gradients flow as the caller allows (the attack
+    differentiates through the key net to its input)."""
+    with bn_branch(net, branch):
+        z = net(x)
+    return F.normalize(z.float(), dim=1) / math.sqrt(temperature)
+
+
 def projector(in_dim: int, hidden_dim: int, feature_dim: int) -> nn.Sequential:
     """Linear -> ReLU -> Linear, no BN (spec)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feature_dim))
@@ -65,12 +74,7 @@ class MoCo(nn.Module):
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, net: nn.Module, x: torch.Tensor, branch: Branch) -> torch.Tensor:
-        """x: B x 3 x H x W in [0,1] -> B x feature_dim, unit norm / sqrt(T), in fp32,
-        with every dual BN of `net` on `branch`. Gradients flow as the caller allows
-        (the attack differentiates through the key net to its input)."""
-        with bn_branch(net, branch):
-            z = net(x)
-        return F.normalize(z.float(), dim=1) / math.sqrt(self.temperature)
+        return embed(net, x, branch, self.temperature)
 
     def queries(self, x: torch.Tensor, branch: Branch) -> torch.Tensor:
         return self.embed(self.query, x, branch)
@@ -111,6 +115,22 @@ class MoCo(nn.Module):
         key, query = list(self.key.parameters()), list(self.query.parameters())
         torch._foreach_mul_(key, self.key_momentum)
         torch._foreach_add_(key, query, alpha=1.0 - self.key_momentum)
+
+
+class QueryPass(nn.Module):
+    """The query net's training forwards of one step in one call: q_clean (clean BN) and,
+    when given adversarial views, q_adv (adv BN). One call per step is what
+    DistributedDataParallel needs (one forward, one backward); the parameters are the
+    query net's own, shared with the model."""
+
+    def __init__(self, model: MoCo) -> None:
+        super().__init__()
+        self.query = model.query
+        self.temperature = model.temperature
+
+    def forward(self, x_clean: torch.Tensor, x_adv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q_clean = embed(self.query, x_clean, "clean", self.temperature)
+        return q_clean, None if x_adv is None else embed(self.query, x_adv, "adv", self.temperature)
 
 
 def build_moco(cfg: Config, mean: Sequence[float], std: Sequence[float]) -> MoCo:

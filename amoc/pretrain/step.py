@@ -8,7 +8,7 @@ import torch
 
 from amoc.pretrain.attack import ContrastiveAttack
 from amoc.pretrain.losses import info_nce
-from amoc.pretrain.moco import MoCo
+from amoc.pretrain.moco import MoCo, QueryPass
 from amoc.pretrain.variants import Variant
 
 EnqueueOrder = Literal["moco", "authors"]
@@ -37,11 +37,20 @@ class TrainStep:
       authors' code (their key forward enqueues), so every positive key also appears
       once among its own query's negatives, and the oldest B keys of each written
       queue have already left it.
+
+    Data-parallel runs (amoc.distributed) plug in three pieces; the defaults are one
+    process: ``query_pass`` (the QueryPass under DistributedDataParallel), ``keys`` (the
+    key net's training forward, e.g. shuffle-BN's ShuffledKeys) and ``gather`` (this
+    step's keys from every rank, in rank order, so every rank enqueues the same global
+    batch of keys and the queues stay identical).
     """
 
     def __init__(self, model: MoCo, variant: Variant, optimizer: torch.optim.Optimizer, attack: ContrastiveAttack,
                  *, leverage: float, enqueue_order: EnqueueOrder = "moco",
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 query_pass: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+                 keys: Callable[..., torch.Tensor] | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] = lambda k: k) -> None:
         if enqueue_order not in ("moco", "authors"):
             raise ValueError(f"enqueue_order must be 'moco' or 'authors', got {enqueue_order!r}")
         self.model = model
@@ -51,6 +60,9 @@ class TrainStep:
         self.leverage = leverage
         self.enqueue_order = enqueue_order
         self.autocast = autocast
+        self.query_pass = query_pass or QueryPass(model)
+        self.keys = keys or (lambda x, branch, generator=None: model.keys(x, branch))
+        self.gather = gather
 
     def __call__(self, x_query: torch.Tensor, x_key: torch.Tensor,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -63,12 +75,12 @@ class TrainStep:
 
         # 2. Keys: key net, no gradient.
         with self.autocast():
-            k_clean = model.keys(x_key, "clean")
-            k_adv = model.keys(x_key_adv, "adv") if v.adv_key else k_clean
+            k_clean = self.keys(x_key, "clean", generator)
+            k_adv = self.keys(x_key_adv, "adv", generator) if v.adv_key else k_clean
             if v.adv_enqueue == "adv_keys":  # CAx, AAx
                 new_adv = k_adv
             elif v.adv_enqueue == "adv_query_keys":  # ACA+: key net on the adversarial query views
-                new_adv = model.keys(x_query_adv, "adv")
+                new_adv = self.keys(x_query_adv, "adv", generator)
             else:  # CCC, ACC, ACA: queue_adv is never written
                 new_adv = None
         if self.enqueue_order == "authors":
@@ -77,8 +89,9 @@ class TrainStep:
         # 3. Queries and losses. The negatives are read now (after the enqueue in
         #    the authors' order, before it in MoCo's).
         with self.autocast():
-            q_clean = model.queries(x_query, "clean")
-            q_adv = model.queries(x_query_adv, "adv") if v.adv_query else q_clean
+            q_clean, q_adv = self.query_pass(x_query, x_query_adv if v.adv_query else None)
+        if not v.adv_query:
+            q_adv = q_clean
         loss_clean = info_nce(q_clean, k_clean, model.negatives("clean"))
         losses = {"loss_clean": loss_clean}
         if v.has_adv_loss:
@@ -98,6 +111,6 @@ class TrainStep:
         return {"loss": loss.detach(), **{name: value.detach() for name, value in losses.items()}}
 
     def _enqueue(self, k_clean: torch.Tensor, new_adv: torch.Tensor | None) -> None:
-        self.model.enqueue("clean", k_clean)
+        self.model.enqueue("clean", self.gather(k_clean))
         if new_adv is not None:
-            self.model.enqueue("adv", new_adv)
+            self.model.enqueue("adv", self.gather(new_adv))
