@@ -8,6 +8,14 @@ MODELS = ["slf", "alf", "aff", "scratch"]  # every classifier that is evaluated
 # never listed: they change how a job runs, not what it computes (runtime.precision does).
 
 
+# GPUs per training job (`--config gpus=4`): above 1, pretrain, probe and finetune run
+# through torchrun on one node, data-parallel (docs/distributed.md), and ask the
+# scheduler for that many GPUs. Not a params.yaml key: it changes how fast a job runs,
+# not what it computes (batch sizes are global), so it re-runs nothing.
+GPUS = int(config.get("gpus", 1))
+AMOC = "amoc" if GPUS <= 1 else f"torchrun --standalone --nproc_per_node {GPUS} -m amoc"
+
+
 def cfg(*keys):
     """{dotted key: config value}, e.g. cfg("seed", "runtime.precision").
 

@@ -13,16 +13,16 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
     wildcard_constraints:
         mode="slf|alf",
     params:
-        **cfg("seed", "probe", "runtime.precision"),
+        **cfg("seed", "probe", "distributed", "runtime.precision"),
     log:
         "logs/probe_{mode}.log",
     threads: 4
     resources:
-        gpu=1,
+        gpu=GPUS,
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
+        "{AMOC} probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
         " --encoder runs/pretrain/encoder.pt --data data/prepared --out runs/{wildcards.mode} --resume > {log} 2>&1"
 
 
@@ -35,16 +35,16 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
         "runs/aff/metrics.json",
         "runs/aff/log.csv",
     params:
-        **cfg("seed", "finetune", "runtime.precision"),  # no `model`: encoder.pt carries it
+        **cfg("seed", "finetune", "distributed", "runtime.precision"),  # no `model`: encoder.pt carries it
     log:
         "logs/finetune_aff.log",
     threads: 4
     resources:
-        gpu=1,
+        gpu=GPUS,
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc finetune --params params.yaml --set seed={params.seed}"
+        "{AMOC} finetune --params params.yaml --set seed={params.seed}"
         " --init runs/pretrain/encoder.pt --data data/prepared --out runs/aff --resume > {log} 2>&1"
 
 
@@ -56,14 +56,14 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
         "runs/scratch/metrics.json",
         "runs/scratch/log.csv",
     params:
-        **cfg("seed", "finetune", "model.arch", "model.width", "runtime.precision"),
+        **cfg("seed", "finetune", "model.arch", "model.width", "distributed", "runtime.precision"),
     log:
         "logs/finetune_scratch.log",
     threads: 4
     resources:
-        gpu=1,
+        gpu=GPUS,
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc finetune --params params.yaml --set seed={params.seed}"
+        "{AMOC} finetune --params params.yaml --set seed={params.seed}"
         " --init scratch --data data/prepared --out runs/scratch --resume > {log} 2>&1"

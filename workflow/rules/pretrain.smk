@@ -10,15 +10,15 @@ rule pretrain:
         "runs/pretrain/metrics.json",
         "runs/pretrain/log.csv",
     params:
-        **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "runtime.precision"),
+        **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "distributed", "runtime.precision"),
     log:
         "logs/pretrain.log",
     threads: 4  # a scheduling hint (SLURM cpus-per-task); amoc sets torch's from runtime.threads
     resources:
-        gpu=1,
+        gpu=GPUS,
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc pretrain --params params.yaml --set variant={params.variant} --set queue_size={params.queue_size}"
+        "{AMOC} pretrain --params params.yaml --set variant={params.variant} --set queue_size={params.queue_size}"
         " --set leverage={params.leverage} --set seed={params.seed}"
         " --data data/prepared --out runs/pretrain --resume > {log} 2>&1"
