@@ -53,6 +53,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-attack", action="store_true", help="reference PGD uses loss.backward() (see docstring)")
     ap.add_argument("--no-naive", action="store_true", help="time our path only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, run N iterations of each side under torch.profiler and print where the time goes")
+    ap.add_argument("--top", type=int, default=8, help="ops listed per side with --profile")
     args = ap.parse_args(argv)
 
     def make_cfg(precision: str, channels_last: str):
@@ -193,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             s["epoch"] += 1
             s["pos"] = 0
             s["order"] = epoch_order(cfg.seed, s["epoch"], len(train_x)).to(rt.device)
-        images = train_x[s["order"][s["pos"] * args.batch:(s["pos"] + 1) * args.batch]]
-        x_query = rt.images(augment(images, generator=generator))
-        x_key = rt.images(augment(images, generator=generator))
+        with record_function("phase:data+augment"):
+            images = train_x[s["order"][s["pos"] * args.batch:(s["pos"] + 1) * args.batch]]
+            x_query = rt.images(augment(images, generator=generator))
+            x_key = rt.images(augment(images, generator=generator))
         step_ours(x_query, x_key, generator)
         s["pos"] += 1
 
@@ -218,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         it = batches()
 
         def naive_iter() -> None:
-            x_query, x_key = next(it)
-            x_query = x_query.to(nrt.device, non_blocking=True)
-            x_key = x_key.to(nrt.device, non_blocking=True)
+            with record_function("phase:data+augment"):
+                x_query, x_key = next(it)
+                x_query = x_query.to(nrt.device, non_blocking=True)
+                x_key = x_key.to(nrt.device, non_blocking=True)
             step_naive(x_query, x_key, ngen)
 
     def slice_time(fn: Callable[[], None]) -> tuple[float, float]:
@@ -269,7 +275,64 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ours_cpu_seconds: {cpu_o:.3f} s per slice")
             print(f"naive_cpu_seconds: {cpu_n:.3f} s per slice{note}")
             print(f"naive_speedup_cpu_seconds: {cpu_n / cpu_o:.2f} x")
+    if args.profile:
+        sides = [("ours", ours_iter, step_ours)] + ([("naive", naive_iter, step_naive)] if naive_iter else [])
+        for name, fn, step in sides:
+            label_phases(step)
+            profile(name, fn, args.profile, args.top, rt.device, sync)
     return 0
+
+
+PHASES = ("data+augment", "attack", "keys", "queries", "optimizer", "ema", "enqueue")
+
+
+def label_phases(step: TrainStep) -> None:
+    """Name the parts of a TrainStep for the profiler (instance attributes shadow the
+    methods, so the step runs unchanged): attack, key forwards, query forwards, SGD step,
+    EMA and enqueue. The rest of the step is the loss and its backward."""
+    def labelled(label, fn):
+        def call(*a, **k):
+            with record_function(f"phase:{label}"):
+                return fn(*a, **k)
+        return call
+
+    step.attack = labelled("attack", step.attack)
+    step.keys = labelled("keys", step.keys)
+    step.query_pass = labelled("queries", step.query_pass)
+    step.optimizer.step = labelled("optimizer", step.optimizer.step)
+    step.model.update_key = labelled("ema", step.model.update_key)
+    step.model.enqueue = labelled("enqueue", step.model.enqueue)
+
+
+def profile(name: str, fn: Callable[[], None], iters: int, top: int, device: torch.device,
+            sync: Callable[[], None]) -> None:
+    """`iters` iterations under torch.profiler: per phase, its share of the wall clock
+    (phases never overlap), and the `top` ops by self time (CUDA time on a GPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    wall_ms = (time.perf_counter() - start) * 1e3 / iters
+    events = prof.key_averages()
+    cuda = device.type == "cuda"
+    print(f"profile.{name}.iteration: {wall_ms:.1f} ms (under the profiler)")
+    for phase in PHASES:
+        ev = [e for e in events if e.key == f"phase:{phase}"]
+        if ev:
+            ms = ev[0].cpu_time_total / 1e3 / iters
+            print(f"profile.{name}.phase.{phase}: {ms:.1f} ms ({100 * ms / wall_ms:.1f}% of the iteration, host time)")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = sorted((e for e in events if not e.key.startswith("phase:")), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in ops) or 1.0
+    for rank, e in enumerate(ops[:top], 1):
+        print(f"profile.{name}.top{rank}: {e.key} {getattr(e, key) / 1e3 / iters:.1f} ms "
+              f"({100 * getattr(e, key) / total:.1f}% of self {'CUDA' if cuda else 'CPU'} time)")
 
 
 if __name__ == "__main__":

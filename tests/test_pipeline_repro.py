@@ -287,6 +287,22 @@ def _experiments(shown: list) -> list[dict]:
     return found
 
 
+def test_a_second_clone_reuses_the_stages_through_a_dvc_remote(dvc_ws, tmp_path):
+    """docs/distributed.md's shared-cache how-to: push outputs and the run cache from one
+    workspace, pull them into a fresh clone, and `dvc repro` there runs nothing."""
+    store = tmp_path / "store"
+    run("dvc", "remote", "add", "--local", "-d", "shared", str(store), cwd=dvc_ws)  # .dvc/config.local: not committed
+    run("dvc", "push", "--run-cache", cwd=dvc_ws)
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(dvc_ws), str(clone), cwd=tmp_path)
+    run("dvc", "remote", "add", "--local", "-d", "shared", str(store), cwd=clone)
+    run("dvc", "pull", "--run-cache", cwd=clone)
+    assert (clone / "runs/pretrain/encoder.pt").read_bytes() == (dvc_ws / "runs/pretrain/encoder.pt").read_bytes()
+    out = run("dvc", "repro", cwd=clone)
+    assert "Running stage" not in out.stdout, out.stdout
+    assert run("dvc", "status", "-q", cwd=clone, check=False).returncode == 0
+
+
 def test_exp_run_with_another_queue_size(dvc_ws, request):
     baseline = metrics(dvc_ws)
     start = time.perf_counter()
