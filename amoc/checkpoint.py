@@ -73,9 +73,13 @@ class CheckpointManager:
         """This config's checkpoints, newest first."""
         return [p for _, fp, p in self._all() if fp == self.fingerprint]
 
+    def path(self, epoch: int, step: int = 0) -> Path:
+        """Where `save(epoch, ..., step)` writes (other ranks name the file rank 0 writes)."""
+        return self.folder / f"epoch-{epoch:04d}-step-{step:06d}-{self.fingerprint}.pt"
+
     def save(self, epoch: int, state: dict[str, Any], step: int = 0) -> Path:
         """`step` > 0 marks a mid-epoch checkpoint (a stop signal arrived)."""
-        path = self.folder / f"epoch-{epoch:04d}-step-{step:06d}-{self.fingerprint}.pt"
+        path = self.path(epoch, step)
         torch_save(path, {"fingerprint": self.fingerprint, "epoch": epoch, "step": step, **state})
         for _, fp, old in self._all():
             if fp != self.fingerprint:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +193,26 @@ def test_torchrun_finetune_matches_one_process(params, prepared, tmp_path):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4)
         assert b["train_acc"] == a["train_acc"]
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 2
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_then_resumes(params, prepared, tmp_path):
+    out = tmp_path / "pretrain"
+    argv = ["pretrain", "--params", str(params), "--data", str(prepared), "--out", str(out),
+            *sets(*SETS, "pretrain.epochs=12")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "amoc", *argv]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob("epoch-0001-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    stops = re.findall(r"amoc pretrain: error: SIGTERM received: stopped at epoch (\d+), step (\d+); checkpoint (\S+)\.",
+                       stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both ranks, the same step and file
+    epoch, step, path = stops[0]
+    assert int(epoch) < 12 and Path(path).exists() and not (out / "encoder.pt").exists()
+
+    assert cli.main(argv + ["--resume"]) == 0  # carries on in one process
+    assert [row["epoch"] for row in read_log(out / "log.csv")] == [str(e) for e in range(1, 13)]

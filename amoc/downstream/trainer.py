@@ -227,7 +227,8 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                     partial = {"loss_sum": dist.sum(loss_sum).item(), "correct": int(dist.sum(correct)),
                                "adv_correct": int(dist.sum(adv_correct)),
                                "seen": seen, "seconds": partial["seconds"] + time.perf_counter() - t0}
-                    path = ckpts.save(epoch, state(perm, partial), step=step + 1) if dist.main else ckpts.folder
+                    path = (ckpts.save(epoch, state(perm, partial), step=step + 1) if dist.main
+                            else ckpts.path(epoch, step + 1))  # rank 0 writes it
                     raise Stopped(f"{requested or 'a stop signal'} received: saved {path} (epoch {epoch + 1}, "
                                   f"step {step + 1}); rerun with --resume to continue")
             bar.close()

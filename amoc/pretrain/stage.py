@@ -162,7 +162,7 @@ class Pretraining:
         self.log.check_finite(epoch=self.epoch, step=self.step_in_epoch)  # never checkpoint a NaN
         check_finite_params(self.model.query, epoch=self.epoch)
         if not self.dist.main:  # the ranks hold the same state; rank 0 writes it
-            return self.checkpoints.folder
+            return self.checkpoints.path(self.epoch, self.step_in_epoch)
         return self.checkpoints.save(self.epoch, self.state(), step=self.step_in_epoch)
 
     def restore(self) -> bool:
