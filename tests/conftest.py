@@ -15,6 +15,17 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def params(tmp_path_factory) -> Path:
+    """The repo's params.yaml with the tiny preset applied, written by `amoc params` itself
+    (read-only for tests: copy it to change it)."""
+    from amoc import cli
+
+    path = tmp_path_factory.mktemp("params") / "tiny.yaml"
+    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "tiny", "--out", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder holding ../shared/data's real archives (or $AMOC_SHARED_DATA)."""
     folder = Path(os.environ.get("AMOC_SHARED_DATA") or REPO.parent / "shared" / "data")

@@ -36,13 +36,6 @@ TIMING = ("seconds", "images_per_s")
 
 
 @pytest.fixture(scope="module")
-def params(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("params") / "tiny.yaml"
-    assert cli.main(["params", "--preset", "tiny", "--out", str(path)]) == 0
-    return path
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared", n_train=64)
 

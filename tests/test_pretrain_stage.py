@@ -24,14 +24,6 @@ SETS = ["runtime.device=cpu", "runtime.threads=1", "pretrain.batch_size=8", "pre
 
 
 @pytest.fixture(scope="module")
-def params(tmp_path_factory) -> Path:
-    """The tiny preset, written by `amoc params` itself."""
-    path = tmp_path_factory.mktemp("params") / "tiny.yaml"
-    assert cli.main(["params", "--preset", "tiny", "--out", str(path)]) == 0
-    return path
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared")
 

@@ -29,13 +29,6 @@ FAST = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "pr
 
 
 @pytest.fixture(scope="module")
-def params(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("params") / "tiny.yaml"
-    assert cli.main(["params", "--preset", "tiny", "--out", str(path)]) == 0
-    return path
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared", n_train=16, n_test=8)
 
