@@ -132,6 +132,7 @@ class Pretraining:
         model.query = synchronise_bn(model.query, dist, cfg.distributed.bn)
         model.key = synchronise_bn(model.key, dist, cfg.distributed.bn)
         self.optimizer = make_optimizer(model, cfg, rt.device)
+        self.base_lr = base_lr(cfg)  # the schedule's peak
         if rt.compile:
             model.query.compile()
             model.key.compile()
@@ -225,7 +226,7 @@ class Pretraining:
             images = self.data.train_x[shard.rows(order[step * p.batch_size:(step + 1) * p.batch_size])]
             x_query = rt.images(self.augment(images, generator=self.generator, shard=shard))
             x_key = rt.images(self.augment(images, generator=self.generator, shard=shard))
-            lr = warmup_cosine(self.epoch * self.steps_per_epoch + step, total, warmup, base_lr(self.cfg))
+            lr = warmup_cosine(self.epoch * self.steps_per_epoch + step, total, warmup, self.base_lr)
             set_lr(self.optimizer, lr)
             losses = self.step(x_query, x_key, self.generator)
             if dist.active:  # the global batch's mean losses, as one process would log them
