@@ -223,8 +223,9 @@ def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor
                 requested = stop.requested
                 if dist.should_stop(bool(requested), synced) and step + 1 < len(batches):
                     bar.close()
-                    check_finite({"loss": dist.sum(loss_sum)}, epoch=epoch + 1, step=step + 1)
-                    partial = {"loss_sum": dist.sum(loss_sum).item(), "correct": int(dist.sum(correct)),
+                    total = dist.sum(loss_sum)
+                    check_finite({"loss": total}, epoch=epoch + 1, step=step + 1)
+                    partial = {"loss_sum": total.item(), "correct": int(dist.sum(correct)),
                                "adv_correct": int(dist.sum(adv_correct)),
                                "seen": seen, "seconds": partial["seconds"] + time.perf_counter() - t0}
                     path = (ckpts.save(epoch, state(perm, partial), step=step + 1) if dist.main
