@@ -59,11 +59,10 @@ def pretrain_worker(rank: int, world: int, port: int, params: str, overrides: li
 
 
 def run_pretrain(world: int, params: Path, overrides: list[str], data: Path, out: Path) -> list[dict]:
-    """Each rank's report of a `world`-process pretraining run."""
+    """Each rank's report of a `world`-process pretraining run. One process is spawned too:
+    the workers patch CheckpointManager and set torchrun's variables, which must not leak
+    into the test process."""
     out.mkdir(parents=True, exist_ok=True)
     args = (world, free_port(), str(params), overrides, str(data), str(out), str(out))
-    if world == 1:
-        pretrain_worker(0, *args)
-    else:
-        mp.spawn(pretrain_worker, args=args, nprocs=world, join=True)
+    mp.spawn(pretrain_worker, args=args, nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
