@@ -1,13 +1,13 @@
 """AMOC: Adversarial Momentum-Contrastive pre-training, as a reproducible pipeline."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from amoc.version import __version__
 
 
 def load_classifier(path):
     """Load a classifier written by `amoc probe` / `amoc finetune` as a plain nn.Module
     in eval mode: images in [0,1] (B x 3 x H x W) -> logits, adversarial BN branch."""
-    from amoc.downstream.classifier import load_classifier as _load
+    from amoc.nets.classifier import load_classifier as _load
 
     return _load(path)
 

@@ -53,7 +53,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
 
 
-@_stage("evaluate", "amoc.downstream.evaluate:run", "clean, PGD-20 and AutoAttack accuracy plus a robustness curve")
+@_stage("evaluate", "amoc.evaluate.stage:run", "clean, PGD-20 and AutoAttack accuracy plus a robustness curve")
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="classifier.pt written by `amoc probe` or `amoc finetune`")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
@@ -62,13 +62,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="instead of attacks, score accuracy on the corrupted test sets in DIR (written by `amoc corruptions`)")
 
 
-@_stage("corruptions", "amoc.corruptions.stage:run", "CIFAR-10-C / CIFAR-100-C: fetch the official set, or generate an offline approximation")
+@_stage("corruptions", "amoc.robustness.corruptions:run", "CIFAR-10-C / CIFAR-100-C: fetch the official set, or generate an offline approximation")
 def _corruptions_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
     p.add_argument("--out", default="data/corrupted", help="output folder: <corruption>.npy, labels.npy, source.json (default: %(default)s)")
 
 
-@_stage("transfer", "amoc.corruptions.transfer:run", "black-box transfer: PGD examples from source models scored on every model")
+@_stage("transfer", "amoc.robustness.transfer:run", "black-box transfer: PGD examples from source models scored on every model")
 def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default="runs", help="folder holding <model>/classifier.pt (default: %(default)s)")
     p.add_argument("--models", nargs="+", default=["slf", "alf", "aff", "scratch"], help="target models (default: %(default)s)")
@@ -76,7 +76,7 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/transfer", help="output folder: transfer.json, transfer.csv (default: %(default)s)")
 
 
-@_stage("report", "amoc.downstream.report:run", "collect every metrics file into a markdown table and seaborn figures")
+@_stage("report", "amoc.report.stage:run", "collect every metrics file into a markdown table and seaborn figures")
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default="runs", help="folder holding the stage outputs (default: %(default)s)")
     p.add_argument("--out", default="report", help="output folder: report.md and PNG figures (default: %(default)s)")
@@ -114,17 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     target, _, _ = STAGES[args.stage]
-    if args.stage == "evaluate" and args.corruptions:
-        target = "amoc.corruptions.evaluate:run"
     try:
         cfg = config_mod.load(args.params, args.overrides)
         module_name, func_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("amoc"):
-                raise AmocError("not implemented yet") from None
-            raise
+        module = importlib.import_module(module_name)
         result = getattr(module, func_name)(cfg, args)
         return int(result or 0)
     except AmocError as exc:

@@ -42,7 +42,7 @@ def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class AttackConfig:
-    """L-inf PGD; the step size is ``step_ratio * eps`` (the spec's 0.25 * eps)."""
+    """L-inf PGD; the step size is ``step_ratio * eps`` (the paper's 0.25 * eps)."""
     eps: float = spec(8 / 255, lo=0.0, hi=1.0)
     step_ratio: float = spec(0.25, lo=0.0, hi=1.0, lo_open=True)
     steps: int = spec(5, lo=0)
@@ -55,7 +55,7 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """SimCLR-style views (spec section 5); every probability is per sample."""
+    """SimCLR-style views (docs/pretrain.md); every probability is per sample."""
     crop_scale: list[float] = spec([0.2, 1.0], lo=0.0, hi=1.0)
     crop_ratio: list[float] = spec([3 / 4, 4 / 3], lo=0.0, lo_open=True)
     flip_p: float = spec(0.5, lo=0.0, hi=1.0)
@@ -127,7 +127,9 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
+class DownstreamConfig:
+    """What the classifier stages share: SGD with multi-step decay, the loss, TRADES' beta
+    and the training-time attack (PGD-10)."""
     epochs: int = spec(25, lo=1)
     milestones: list[int] = spec([15, 20], lo=0)
     lr_gamma: float = spec(0.1, lo=0.0, hi=1.0, lo_open=True)
@@ -135,24 +137,22 @@ class ProbeConfig:
     lr: float = spec(0.1, lo=0.0, lo_open=True)
     momentum: float = spec(0.9, lo=0.0, hi=1.0)
     weight_decay: float = spec(5e-4, lo=0.0)
-    weight_decay_slf: float = spec(2e-4, lo=0.0)
-    alf_loss: Literal["trades", "pgd_at"] = "trades"
+    loss: Literal["trades", "pgd_at"] = "trades"  # probe: ALF's loss (SLF is always cross-entropy)
     beta: float = spec(6.0, lo=0.0)
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=10))
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class ProbeConfig(DownstreamConfig):
+    """SLF / ALF: 25 epochs, milestones 15 and 20; SLF has its own weight decay."""
+    weight_decay_slf: float = spec(2e-4, lo=0.0)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(DownstreamConfig):
+    """AFF and the from-scratch baseline: 100 epochs, milestones 40 and 60."""
     epochs: int = spec(100, lo=1)
     milestones: list[int] = spec([40, 60], lo=0)
-    lr_gamma: float = spec(0.1, lo=0.0, hi=1.0, lo_open=True)
-    batch_size: int = spec(128, lo=1)
-    lr: float = spec(0.1, lo=0.0, lo_open=True)
-    momentum: float = spec(0.9, lo=0.0, hi=1.0)
-    weight_decay: float = spec(5e-4, lo=0.0)
-    loss: Literal["trades", "pgd_at"] = "trades"
-    beta: float = spec(6.0, lo=0.0)
-    attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=10))
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@
         [--repeats 3] [--warmup 1] [--aa-repeats 1] [--threads N] [--labels predicted|data]
         [--no-autoattack]
 
-Prints ``name: value unit`` lines. Both attacks run through amoc.downstream.evaluate's
+Prints ``name: value unit`` lines. Both attacks run through amoc.evaluate.attacks's
 own entry points, with the settings `amoc evaluate` uses: pgd_correct (L-inf PGD on
 the cross-entropy, eps 8/255, step eps/4, random start, `--pgd-steps` steps) and
 autoattack_correct (torchattacks' standard AutoAttack, APGD-CE / APGD-T / FAB-T with
-`--aa-steps` iterations, default evaluate.AUTOATTACK_STEPS, Square 5000 queries), in
+`--aa-steps` iterations, default amoc.attacks.autoattack.AUTOATTACK_STEPS, Square 5000 queries), in
 eval mode on the adversarial BN branch, fp32, batched by `--batch`, on a device set up
 by runtime.setup as the stage does it (channels_last on CUDA). Timings include the
 uint8 -> float conversion and the final classification, as in the stage. Each figure is
@@ -51,8 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoc.config import AttackConfig, RuntimeConfig  # noqa: E402
 from amoc.data.prepared import load_split  # noqa: E402
-from amoc.downstream import evaluate as ev  # noqa: E402
-from amoc.downstream.classifier import Classifier  # noqa: E402
+from amoc.attacks import autoattack as aa_mod  # noqa: E402
+from amoc.attacks.accuracy import correct  # noqa: E402
+from amoc.evaluate import attacks as ev  # noqa: E402
+from amoc.nets.classifier import Classifier  # noqa: E402
 from amoc.nets.resnet import build_encoder  # noqa: E402
 from amoc.runtime import setup  # noqa: E402
 from common import cpu_name  # noqa: E402  (benchmarks/common.py)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=500, help="evaluate.batch_size")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--pgd-steps", type=int, default=20)
-    ap.add_argument("--aa-steps", type=int, default=ev.AUTOATTACK_STEPS, help="APGD/FAB iterations")
+    ap.add_argument("--aa-steps", type=int, default=aa_mod.AUTOATTACK_STEPS, help="APGD/FAB iterations")
     ap.add_argument("--repeats", type=int, default=3, help="timed PGD runs")
     ap.add_argument("--aa-repeats", type=int, default=1, help="timed AutoAttack runs")
     ap.add_argument("--warmup", type=int, default=1, help="untimed PGD runs first")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return out, time.perf_counter() - t, time.process_time() - c
 
     load0 = os.getloadavg()[0]
-    clean = ev.clean_correct(model, x, y, rt, args.batch)
+    clean = correct(model, x, y, rt, args.batch)
     run_pgd = lambda: ev.pgd_correct(model, x, y, rt, args.batch, pgd_cfg, args.seed) & clean  # noqa: E731
     for _ in range(args.warmup):
         run_pgd()
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     aa_runs = []
     if not args.no_autoattack:
-        run_aa = lambda: ev.autoattack_correct(model, x[:aa_n], y[:aa_n], rt, args.batch, pgd_cfg.eps,  # noqa: E731
+        run_aa = lambda: aa_mod.autoattack_correct(model, x[:aa_n], y[:aa_n], rt, args.batch, pgd_cfg.eps,  # noqa: E731
                                                args.classes, args.seed, args.aa_steps)
         aa_runs = [timed(run_aa) for _ in range(args.aa_repeats)]
     load1 = os.getloadavg()[0]
@@ -131,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cpu_name() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)}")
     print(f"config: width={args.width} classes={args.classes} images={args.images} aa_images={aa_n} "
           f"batch={args.batch} pgd_steps={args.pgd_steps} aa_steps={args.aa_steps} "
-          f"square_queries={ev.AUTOATTACK_QUERIES} device={rt.device} threads={torch.get_num_threads()} "
+          f"square_queries={aa_mod.AUTOATTACK_QUERIES} device={rt.device} threads={torch.get_num_threads()} "
           f"channels_last={rt.channels_last} precision=fp32 torch={torch.__version__} "
-          f"torchattacks={ev._torchattacks_version()} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
+          f"torchattacks={aa_mod.torchattacks_version()} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
           f"repeats={args.repeats} aa_repeats={args.aa_repeats} warmup={args.warmup}")
     print(f"data: {args.data or 'random uint8 images'}, labels: {args.labels}")
     print(f"load_average_1min: {load0:.2f} before, {load1:.2f} after")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         survived = pct(aa & clean[:aa_n])
         print("caveat: randomly initialised classifier, not representative of a trained AMOC model. AutoAttack's "
               "cost scales with how many images survive each sub-attack (APGD-T, FAB-T and Square with "
-              f"{ev.AUTOATTACK_QUERIES} queries run only on APGD-CE's survivors, and APGD skips images the model "
+              f"{aa_mod.AUTOATTACK_QUERIES} queries run only on APGD-CE's survivors, and APGD skips images the model "
               f"already gets wrong); here {survived:.1f}% survived all four. "
               + ("Almost everything fell to APGD-CE, so this figure is far faster than AutoAttack on a robust model."
                  if survived < 10 else

@@ -37,7 +37,7 @@ What is compared (the reading chosen so that the comparison is honest):
 
 On the CPU runtime.setup chooses fp32 without channels_last, so there the two sides
 differ only in the input pipeline, and at ResNet-18 sizes the step dominates (see
-docs/perf-notes.md: data loading is negligible on the CPU); the interesting figure is
+benchmarks/README.md: data loading is negligible on the CPU); the interesting figure is
 on CUDA, where the step is fast enough that a PIL loader becomes the bottleneck.
 On CUDA every slice is bracketed by torch.cuda.synchronize().
 """
@@ -58,7 +58,7 @@ from torch.profiler import record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoc import config as config_mod  # noqa: E402
-from amoc.nets.resnet import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from amoc.pretrain.attack import ContrastiveAttack  # noqa: E402
 from amoc.pretrain.augment import SimCLRAugment  # noqa: E402
 from amoc.pretrain.losses import info_nce  # noqa: E402

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoc import config as config_mod  # noqa: E402
-from amoc.nets.resnet import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from amoc.pretrain.attack import ContrastiveAttack  # noqa: E402
 from amoc.pretrain.moco import build_moco  # noqa: E402
 from amoc.pretrain.stage import make_optimizer  # noqa: E402

@@ -25,6 +25,29 @@ def params(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread in every test module: the tensors are tiny, a second OpenMP thread
+    only adds barrier waits (very slow when the CPU is shared), and exact-resume and
+    byte-identity comparisons need a fixed thread count. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The embedded digits data set, prepared once by `amoc download` (offline)."""
+    from amoc import cli
+
+    out = tmp_path_factory.mktemp("digits") / "prepared"
+    assert cli.main(["download", "--params", str(REPO / "params.yaml"), "--set", "data.name=digits", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder holding ../shared/data's real archives (or $AMOC_SHARED_DATA)."""

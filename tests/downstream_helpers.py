@@ -15,16 +15,6 @@ from amoc import cli
 from amoc.nets import build_encoder
 from amoc.nets.store import save_encoder
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared CPU: a second OpenMP thread only adds barrier waits, and
-    exact-resume comparisons need a fixed thread count. Import it into a test module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 NUM_CLASSES = 4          # >= 4: AutoAttack's targeted DLR loss needs the 4th-largest logit
 SIZE = 16                # 16 x 16 images: 4x cheaper than CIFAR's 32 x 32, same network
 WIDTH = 0.0625

@@ -17,16 +17,6 @@ from amoc.pretrain.moco import MoCo, build_moco
 ALL_VARIANTS = ("CCC", "CAC", "CAA", "ACC", "ACA", "ACA+", "AAC", "AAA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits (very slow when the
-    CPU is shared with other jobs), and exact-resume tests need a fixed thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(*overrides: str, **top: Any) -> Config:
     """A validated Config small enough for a CPU step in milliseconds; `overrides` are
     --set style 'key.sub=value' strings, `top` sets top-level keys."""

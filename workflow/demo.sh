@@ -24,7 +24,7 @@ for tool in amoc dvc git; do
     command -v "$tool" >/dev/null || { echo "demo: '$tool' not found on PATH; run it with 'make demo'" >&2; exit 1; }
 done
 # glibc's malloc maps and unmaps every large activation; this makes CPU training about
-# 1.45x faster (shared/docs/perf-notes.md). It changes speed, never results.
+# 1.45x faster (benchmarks/README.md, "CPU allocator"). It changes speed, never results.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 
 say "workspace $WS/ (wiped and recreated), params: amoc params --preset $PRESET"

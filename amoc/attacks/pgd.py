@@ -11,6 +11,9 @@ from typing import Callable
 
 import torch
 
+from amoc.config import AttackConfig
+from amoc.distributed import Shard
+
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -44,3 +47,28 @@ def pgd_linf(x: torch.Tensor, objective: Objective, *, eps: float, step_size: fl
             x_adv = x_adv + step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
     return x_adv.detach()
+
+
+def global_start(x: torch.Tensor, attack: AttackConfig, generator: torch.Generator | None, shard: Shard,
+                 views: int = 1) -> torch.Tensor | None:
+    """PGD's uniform random start for this rank's rows of a data-parallel batch: the
+    noise is drawn for the whole global batch (as one process draws it) and cut to this
+    rank's rows, so no image's start depends on the number of ranks. `x` stacks `views`
+    groups of this rank's rows (the pre-training attack perturbs two views at once).
+
+    None in a single process, or when the attack draws nothing: `pgd_linf` then makes the
+    same draw itself."""
+    if shard.world == 1 or not (attack.random_start and attack.eps > 0 and attack.steps > 0):
+        return None
+    noise = torch.rand((views, shard.total, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+    noise = shard.rows(noise, dim=1).reshape(x.shape)  # views x rows -> x's layout
+    return x + (2 * noise - 1) * attack.eps
+
+
+def pgd(x: torch.Tensor, objective: Objective, attack: AttackConfig, generator: torch.Generator | None = None,
+        shard: Shard = Shard(), views: int = 1) -> torch.Tensor:
+    """`pgd_linf` with the settings of an `AttackConfig` (eps, step = step_ratio * eps,
+    steps, random start) and the global-batch start of a data-parallel `shard`."""
+    return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+                    random_start=attack.random_start, generator=generator,
+                    start=global_start(x, attack, generator, shard, views))

@@ -18,11 +18,10 @@ import numpy as np
 
 from amoc.config import Config
 from amoc.data import cifar, digits, fetch, folder
-from amoc.data.prepared import SPLITS, split_path
+from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD, SPLITS, split_path
 from amoc.data.splits import Splits, channel_mean_std
 from amoc.errors import DataError
 from amoc.io import stage_outputs, write_json, write_with
-from amoc.nets.resnet import CIFAR10_MEAN, CIFAR10_STD
 
 OUTPUTS = ("train.npz", "test.npz", "stats.json")
 WORK_PREFIX = ".amoc-download-"
@@ -58,7 +57,7 @@ def make_stats(name: str, source: str, checksum: str | None, splits: Splits) -> 
         raise DataError(f"{source}: the {'train' if len(splits.train_y) == 0 else 'test'} split is empty; "
                         "a data set needs training and test images")
     if name == "cifar10":
-        mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)  # the spec's constants, whatever the subset
+        mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)  # the paper's constants, whatever the subset
     else:
         mean, std = channel_mean_std(splits.train_x)
     return {

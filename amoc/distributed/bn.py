@@ -1,7 +1,7 @@
 """BatchNorm across ranks (`distributed.bn`), for multi-process runs only.
 
 - ``sync``: every training-mode BN normalises with the statistics of the whole global
-  batch, exactly as one process with that batch would (the spec's setting). On CUDA this
+  batch, exactly as one process with that batch would (the paper's setting). On CUDA this
   is torch's ``nn.SyncBatchNorm``; torch refuses it on the CPU, so gloo runs (tests,
   CPU clusters) use :class:`GlobalBatchNorm2d`, the same computation with two
   differentiable all-reduces.

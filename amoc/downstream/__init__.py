@@ -1,7 +1,8 @@
-"""Downstream protocols (spec sections 6-7): linear probes (SLF, ALF), adversarial full
-fine-tuning (AFF) and the from-scratch baseline, their evaluation and the report.
+"""Downstream training (docs/downstream.md): linear probes (SLF, ALF), adversarial full
+fine-tuning (AFF) and the from-scratch baseline.
 
-One job per module: `classifier` (the model and its file), `augment` (standard crop +
-flip), `losses` (CE / TRADES / PGD-AT and their training-time attacks), `trainer` (the
-resumable loop), `probe` / `finetune` / `evaluate` / `report` (the stage entry points).
+One job per module: `augment` (standard crop + flip), `losses` (CE / TRADES / PGD-AT),
+`trainer` (the classifier stages on the shared resumable loop, amoc.training),
+`probe` / `finetune` (the entry points). The classifier and its file live in
+amoc.nets.classifier; evaluation is its own stage (amoc.evaluate).
 """

@@ -1,4 +1,4 @@
-"""Standard downstream augmentation (spec section 6): random crop with zero padding and a
+"""Standard downstream augmentation (docs/downstream.md): random crop with zero padding and a
 horizontal flip, drawn per sample, done for the whole batch at once on its device."""
 from __future__ import annotations
 

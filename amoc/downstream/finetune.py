@@ -1,4 +1,4 @@
-"""`amoc finetune`: adversarial full fine-tuning (AFF, spec section 6) and the
+"""`amoc finetune`: adversarial full fine-tuning (AFF, docs/downstream.md) and the
 from-scratch baseline.
 
 The whole classifier (encoder + zero-initialised head) trains in train mode on the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from amoc.config import Config
 from amoc.distributed import session
-from amoc.downstream.classifier import Classifier
+from amoc.nets.classifier import Classifier
 from amoc.downstream.probe import encoder_branch
 from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
 from amoc.io import RunLock

@@ -2,14 +2,15 @@
 
 - CE (SLF): cross-entropy on clean images.
 - PGD-AT (Madry et al.): cross-entropy on PGD examples that maximise the cross-entropy,
-  started uniformly in the eps-ball (if the attack's random_start is set).
+  started uniformly in the eps-ball (if the attack's random_start is set); the attack is
+  `amoc.attacks.ce.ce_pgd`.
 - TRADES (Zhang et al.): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), batch mean, where
   x_adv maximises the same KL term from x + 0.001 * N(0, 1) (TRADES' start, whatever
   random_start says). As in the TRADES code, the KL is
   `kl_div(log_softmax(f(x_adv)), softmax(f(x)))`, which the paper writes KL(f(x_adv) || f(x)).
 
-The attack functions only craft examples: the caller puts the model in eval mode
-(running BN statistics) around them, as the spec prescribes.
+`trades_attack` only crafts examples: the caller puts the model in eval mode
+(running BN statistics) around them, as the authors do.
 """
 from __future__ import annotations
 
@@ -52,19 +53,3 @@ def trades_attack(model: Model, x: torch.Tensor, attack: AttackConfig,
 
     return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
                     generator=generator, start=start)
-
-
-def ce_attack(model: Model, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
-              generator: torch.Generator | None = None, shard: Shard = Shard()) -> torch.Tensor:
-    """Untargeted L-inf PGD on the cross-entropy (PGD-AT training, PGD-20 evaluation).
-    `shard`: as in trades_attack, for the uniform random start."""
-
-    def objective(x_adv: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-
-    start = None  # pgd_linf's own draw, unless the start must come from the global batch's numbers
-    if shard.world > 1 and attack.random_start and attack.eps > 0 and attack.steps > 0:
-        u = shard.sample(lambda shape: torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype), x.shape)
-        start = x + (2 * u - 1) * attack.eps
-    return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                    random_start=attack.random_start, generator=generator, start=start)

@@ -1,7 +1,7 @@
-"""`amoc probe`: linear probing of a frozen pre-trained encoder (spec section 6).
+"""`amoc probe`: linear probing of a frozen pre-trained encoder (docs/downstream.md).
 
 SLF: cross-entropy on clean images (weight decay `probe.weight_decay_slf`).
-ALF: `probe.alf_loss` (TRADES or PGD-AT, weight decay `probe.weight_decay`); the attacks
+ALF: `probe.loss` (TRADES or PGD-AT, weight decay `probe.weight_decay`); the attacks
 go through the whole frozen network. In both, the encoder stays in eval mode on its
 adversarial BN branch (features from running statistics that never change) and only
 the zero-initialised linear head trains.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from amoc.config import Config
 from amoc.distributed import session
-from amoc.downstream.classifier import Classifier
+from amoc.nets.classifier import Classifier
 from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
 from amoc.io import RunLock
 from amoc.nets.store import load_encoder_file
@@ -39,7 +39,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         if args.mode == "slf":
             spec = TrainSpec.from_section(p, name="probe", loss="ce", weight_decay=p.weight_decay_slf, cfg=cfg)
         else:
-            spec = TrainSpec.from_section(p, name="probe", loss=p.alf_loss, weight_decay=p.weight_decay, cfg=cfg)
+            spec = TrainSpec.from_section(p, name="probe", loss=p.loss, weight_decay=p.weight_decay, cfg=cfg)
         provenance = {"stage": "probe", "mode": args.mode, "init": str(args.encoder),
                       "init_sha256": file_digest(args.encoder)}
         train_classifier(model, model.head, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,

@@ -1,4 +1,5 @@
-"""The resumable supervised training loop shared by `amoc probe` and `amoc finetune`.
+"""Classifier training for `amoc probe` and `amoc finetune`, on the shared resumable loop
+(amoc.training.loop).
 
 One epoch: a seeded permutation of the uint8 train set (kept on the device), per-sample
 crop + flip on the device, then per batch the loss of the protocol (CE, TRADES or
@@ -21,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,21 +29,23 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from amoc import __version__, io
+from amoc import io
 from amoc.checkpoint import CheckpointManager, fingerprint, rng_state, set_rng_state
 from amoc.config import AttackConfig, Config
 from amoc.data.prepared import load_split, load_stats
 from amoc.distributed import Dist, Shard
 from amoc.distributed.bn import synchronise_bn
 from amoc.downstream.augment import crop_flip
-from amoc.downstream.classifier import Classifier, save_classifier
-from amoc.downstream.losses import ce_attack, trades_attack, trades_loss
+from amoc.attacks.ce import ce_pgd
+from amoc.downstream.losses import trades_attack, trades_loss
+from amoc.nets.classifier import Classifier, save_classifier
 from amoc.errors import DataError
-from amoc.runtime import Runtime, eval_mode, oom_hint
+from amoc.runtime import Runtime, eval_mode
 from amoc.schedule import multistep, scaled_lr, set_lr
-from amoc.stopping import StopSignals, Stopped, check_finite, check_finite_params
+from amoc.version import __version__
+from amoc.stopping import check_finite, check_finite_params
+from amoc.training.loop import Job, Loop
 
 LossName = Literal["ce", "trades", "pgd_at"]
 LOG_COLUMNS = ("epoch", "loss", "train_acc", "train_adv_acc", "lr", "seconds", "images_per_s")
@@ -114,17 +115,13 @@ def loss_step(model: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tenso
         if spec.loss == "trades":
             x_adv = trades_attack(model, x, spec.attack, generator, shard=shard)
         else:
-            x_adv = ce_attack(model, x, y, spec.attack, generator, shard=shard)
+            x_adv = ce_pgd(model, x, y, spec.attack, generator, shard=shard)
     with rt.autocast():
         if spec.loss == "pgd_at":
             (logits_adv,) = forwards(x_adv)
             return F.cross_entropy(logits_adv.float(), y), None, logits_adv
         logits_adv, logits_nat = forwards(x_adv, x)
     return trades_loss(logits_nat, logits_adv, y, spec.beta), logits_nat, logits_adv
-
-
-def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return list(torch.split(perm, batch_size))
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -134,136 +131,139 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     io.write_text(path, "\n".join(lines) + "\n")
 
 
-def fit(model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor,
-        rt: Runtime, out: str | os.PathLike, *, seed: int, fingerprint: str, resume: bool,
-        train_mode: bool, desc: str, dist: Dist = Dist(), bn: str = "sync") -> dict[str, Any]:
-    """Train `trainable`'s parameters (part or all of `model`) on uint8 images x (N x C x H x W)
-    and labels y. `train_mode` False keeps the whole model in eval mode (linear probes:
-    frozen BN statistics). Writes out/log.csv and out/checkpoints/; returns a summary.
-    `dist` and `bn` (distributed.bn): a multi-process run, see the module's docstring."""
-    out = Path(out)
-    device = rt.device
-    x_dev, y_dev = x.to(device), y.to(device)
-    n = x_dev.shape[0]
-    if train_mode:
-        synchronise_bn(model, dist, bn)  # in place: the model's modules are what gets trained
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    generator = rt.generator(seed)
-    ckpts = CheckpointManager(out / "checkpoints", fingerprint)
+class ClassifierTraining(Job):
+    """Training `trainable`'s parameters (part or all of `model`) on uint8 images x
+    (N x C x H x W) and labels y, one epoch = one seeded permutation of the train set in
+    batches; `run` hands it to the shared resumable loop (amoc.training).
 
-    start_epoch, start_step, perm, partial, rows = 0, 0, None, None, []
-    blob = ckpts.load_latest() if resume else None
-    if not resume and dist.main:
-        ckpts.clear()
-    dist.barrier()  # no rank reads while rank 0 clears
-    if blob is not None:
-        trainable.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        set_rng_state(blob["rng"], generator)
-        start_epoch, start_step, rows = int(blob["epoch"]), int(blob["step"]), list(blob["rows"])
-        if start_step:
-            perm, partial = blob["perm"].to(device), blob["partial"]
+    `train_mode` False keeps the whole model in eval mode (linear probes: frozen BN
+    statistics). Writes out/log.csv and out/checkpoints/. `dist` and `bn`
+    (distributed.bn): a multi-process run, see the module's docstring."""
+
+    sync_every = FINITE_EVERY
+
+    def __init__(self, model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor,
+                 rt: Runtime, out: str | os.PathLike, *, seed: int, fingerprint: str, train_mode: bool, desc: str,
+                 dist: Dist = Dist(), bn: str = "sync") -> None:
+        self.model, self.trainable, self.spec, self.rt, self.dist = model, trainable, spec, rt, dist
+        self.out, self.desc, self.train_mode = Path(out), desc, train_mode
+        self.epochs, self.batch_size, self.batch_key = spec.epochs, spec.batch_size, f"{spec.section}.batch_size"
+        self.x, self.y = x.to(rt.device), y.to(rt.device)
+        self.n = self.x.shape[0]
+        if train_mode:
+            synchronise_bn(model, dist, bn)  # in place: the model's modules are what gets trained
+        params = [p for p in trainable.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        self.generator = rt.generator(seed)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", fingerprint)
+        self.rows: list[dict[str, Any]] = []
+        self.perm: torch.Tensor | None = None  # the epoch's permutation, drawn when the epoch starts
+        self.partial: dict[str, Any] | None = None  # a resumed epoch's totals so far
+        self.lr = 0.0
+        model.train(train_mode)
+        # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
+        self.forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
+
+    def run(self, resume: bool) -> dict[str, Any]:
+        Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
+        if self.dist.main:
+            _write_log(self.out / "log.csv", self.rows)
+        last = self.rows[-1]
+        total = sum(float(r["seconds"]) for r in self.rows)
+        return {"epochs": len(self.rows), "train_loss": float(last["loss"]),
+                "train_acc": float(last["train_acc"]),
+                "train_adv_acc": None if last["train_adv_acc"] is None else float(last["train_adv_acc"]),
+                "seconds": round(total, 3), "images_per_s": round(len(self.rows) * self.n / max(total, 1e-9), 1),
+                "n_train": self.n, "loss_fn": self.spec.loss, "spec": dataclasses.asdict(self.spec)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        mid_epoch = self.perm is not None
+        partial = None
+        if mid_epoch:  # this epoch's totals over every rank (collectives: all ranks run this)
+            total = self.dist.sum(self.loss_sum)
+            check_finite({"loss": total}, epoch=len(self.rows) + 1, step=self.step)
+            partial = {"loss_sum": total.item(), "correct": int(self.dist.sum(self.correct)),
+                       "adv_correct": int(self.dist.sum(self.adv_correct)), "seen": self.seen}
+        return {"model": {k: v.detach().cpu() for k, v in self.trainable.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.generator),
+                "perm": self.perm.cpu() if mid_epoch else None, "partial": partial, "rows": self.rows}
+
+    def load_state(self, blob: dict[str, Any]) -> None:
+        self.trainable.load_state_dict(blob["model"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        set_rng_state(blob["rng"], self.generator)
+        self.rows = list(blob["rows"])
+        if blob["step"]:
+            self.perm, self.partial = blob["perm"].to(self.rt.device), blob["partial"]
+
+    # ------------------------------------------------------------------ one epoch
+    def steps_in_epoch(self) -> int:
+        # a last batch with fewer images than ranks is skipped (every rank needs a row)
+        return sum(1 for b in torch.arange(self.n).split(self.batch_size) if len(b) >= self.dist.world)
+
+    def begin_epoch(self, epoch: int, step: int) -> None:
+        spec, device = self.spec, self.rt.device
+        self.lr = multistep(epoch, spec.lr, spec.milestones, spec.lr_gamma)
+        set_lr(self.optimizer, self.lr)
+        if step == 0:
+            self.perm = torch.randperm(self.n, generator=self.generator, device=device)
+            self.partial = None
+        self.batches = [b for b in torch.split(self.perm, spec.batch_size) if len(b) >= self.dist.world]
+        # device-side accumulators of this rank's images (rank 0 carries a resumed epoch's
+        # totals): no host sync per step; summed over the ranks when read
+        carried = self.partial if (self.partial and self.dist.main) else {"loss_sum": 0.0, "correct": 0, "adv_correct": 0}
+        self.loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
+        self.correct = torch.tensor(carried["correct"], dtype=torch.int64, device=device)
+        self.adv_correct = torch.tensor(carried["adv_correct"], dtype=torch.int64, device=device)
+        self.seen = self.partial["seen"] if self.partial else 0  # images of the global batches so far
+        self.step = step
+
+    def train_step(self, epoch: int, step: int) -> None:
+        rt, dist = self.rt, self.dist
+        shard = dist.shard(len(self.batches[step]))
+        idx = shard.rows(self.batches[step])
+        xb = rt.images(crop_flip(self.x[idx], self.generator, shard=shard))
+        yb = self.y[idx]
+        loss, logits, logits_adv = loss_step(self.model, self.spec, xb, yb, rt, self.generator, self.forwards, shard)
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages over the ranks: weight each rank's mean by its share of the batch
+        (loss * (len(idx) * dist.world / shard.total) if dist.active else loss).backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.loss_sum += loss.detach().double() * len(idx)
+            if logits is not None:
+                self.correct += (logits.argmax(1) == yb).sum()
+            if logits_adv is not None:
+                self.adv_correct += (logits_adv.argmax(1) == yb).sum()
+        self.seen += shard.total
+        self.step = step + 1
+
+    def sync(self, epoch: int, step: int) -> dict[str, str]:
+        total = self.dist.sum(self.loss_sum)
+        check_finite({"loss": total}, epoch=epoch + 1, step=step)
+        return {"loss": f"{total.item() / self.seen:.4f}", "lr": f"{self.lr:g}"}
+
+    def end_epoch(self, epoch: int, seconds: float) -> bool:
+        spec, dist = self.spec, self.dist
+        loss_sum, correct, adv_correct = dist.sum(self.loss_sum), dist.sum(self.correct), dist.sum(self.adv_correct)
+        check_finite_params(self.trainable, epoch=epoch + 1)
+        seen = self.seen
+        clean_acc = 100 * int(correct) / seen if spec.loss != "pgd_at" else None
+        adv_acc = 100 * int(adv_correct) / seen if spec.loss != "ce" else None
+        row = {"epoch": epoch + 1, "loss": f"{loss_sum.item() / seen:.6f}",
+               # train_acc: on the examples the loss is about (adversarial ones for PGD-AT)
+               "train_acc": f"{clean_acc if clean_acc is not None else adv_acc:.4f}",
+               "train_adv_acc": None if adv_acc is None else f"{adv_acc:.4f}",
+               "lr": f"{self.lr:.6g}", "seconds": f"{seconds:.3f}", "images_per_s": f"{seen / max(seconds, 1e-9):.1f}"}
+        self.rows.append(row)
+        self.perm, self.partial = None, None
         if dist.main:
-            print(f"{desc}: resuming at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
-    elif resume and dist.main:
-        print(f"{desc}: no usable checkpoint in {ckpts.folder}; starting from the beginning", file=sys.stderr)
-
-    def state(perm: torch.Tensor | None, partial: dict | None) -> dict[str, Any]:
-        return {"model": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-                "perm": None if perm is None else perm.cpu(), "partial": partial, "rows": rows}
-
-    model.train(train_mode)
-    # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
-    forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
-
-    with StopSignals() as stop, oom_hint(desc, f"{spec.section}.batch_size", spec.batch_size):
-        for epoch in range(start_epoch, spec.epochs):
-            lr = multistep(epoch, spec.lr, spec.milestones, spec.lr_gamma)
-            set_lr(optimizer, lr)
-            if perm is None:
-                perm = torch.randperm(n, generator=generator, device=device)
-                partial = {"loss_sum": 0.0, "correct": 0, "adv_correct": 0, "seen": 0, "seconds": 0.0}
-                start_step = 0
-            batches = [b for b in _batches(perm, spec.batch_size) if len(b) >= dist.world]
-            # device-side accumulators of this rank's images (rank 0 carries a resumed
-            # epoch's totals): no host sync per step; summed over the ranks when read
-            carried = partial if dist.main else {"loss_sum": 0.0, "correct": 0, "adv_correct": 0}
-            loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
-            correct = torch.tensor(carried["correct"], dtype=torch.int64, device=device)
-            adv_correct = torch.tensor(carried["adv_correct"], dtype=torch.int64, device=device)
-            seen = partial["seen"]  # images of the global batches so far
-            t0 = time.perf_counter()
-            bar = tqdm(total=len(batches), initial=start_step, desc=f"{desc} {epoch + 1}/{spec.epochs}",
-                       disable=not (rt.progress and dist.main), leave=False, dynamic_ncols=True)
-            for step in range(start_step, len(batches)):
-                shard = dist.shard(len(batches[step]))
-                idx = shard.rows(batches[step])
-                xb = rt.images(crop_flip(x_dev[idx], generator, shard=shard))
-                yb = y_dev[idx]
-                loss, logits, logits_adv = loss_step(model, spec, xb, yb, rt, generator, forwards, shard)
-                optimizer.zero_grad(set_to_none=True)
-                # DDP averages over the ranks: weight each rank's mean by its share of the batch
-                (loss * (len(idx) * dist.world / shard.total) if dist.active else loss).backward()
-                optimizer.step()
-                with torch.no_grad():
-                    loss_sum += loss.detach().double() * len(idx)
-                    if logits is not None:
-                        correct += (logits.argmax(1) == yb).sum()
-                    if logits_adv is not None:
-                        adv_correct += (logits_adv.argmax(1) == yb).sum()
-                seen += shard.total
-                bar.update(1)
-                synced = (step + 1) % FINITE_EVERY == 0 or step + 1 == len(batches)
-                if synced:
-                    total = dist.sum(loss_sum)
-                    check_finite({"loss": total}, epoch=epoch + 1, step=step + 1)
-                    bar.set_postfix(loss=f"{total.item() / seen:.4f}", lr=f"{lr:g}")
-                requested = stop.requested
-                if dist.should_stop(bool(requested), synced) and step + 1 < len(batches):
-                    bar.close()
-                    total = dist.sum(loss_sum)
-                    check_finite({"loss": total}, epoch=epoch + 1, step=step + 1)
-                    partial = {"loss_sum": total.item(), "correct": int(dist.sum(correct)),
-                               "adv_correct": int(dist.sum(adv_correct)),
-                               "seen": seen, "seconds": partial["seconds"] + time.perf_counter() - t0}
-                    path = (ckpts.save(epoch, state(perm, partial), step=step + 1) if dist.main
-                            else ckpts.path(epoch, step + 1))  # rank 0 writes it
-                    raise Stopped(f"{requested or 'a stop signal'} received: saved {path} (epoch {epoch + 1}, "
-                                  f"step {step + 1}); rerun with --resume to continue")
-            bar.close()
-            loss_sum, correct, adv_correct = dist.sum(loss_sum), dist.sum(correct), dist.sum(adv_correct)
-            seconds = partial["seconds"] + time.perf_counter() - t0
-            check_finite_params(trainable, epoch=epoch + 1)
-            clean_acc = 100 * int(correct) / seen if spec.loss != "pgd_at" else None
-            adv_acc = 100 * int(adv_correct) / seen if spec.loss != "ce" else None
-            row = {"epoch": epoch + 1, "loss": f"{loss_sum.item() / seen:.6f}",
-                   # train_acc: on the examples the loss is about (adversarial ones for PGD-AT)
-                   "train_acc": f"{clean_acc if clean_acc is not None else adv_acc:.4f}",
-                   "train_adv_acc": None if adv_acc is None else f"{adv_acc:.4f}",
-                   "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}", "images_per_s": f"{seen / max(seconds, 1e-9):.1f}"}
-            rows.append(row)
-            if dist.main:
-                _write_log(out / "log.csv", rows)
-                ckpts.save(epoch + 1, state(None, None))
-                print(f"{desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc {float(row['train_acc']):.2f}%"
-                      + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
-                      + f", lr {lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s", flush=True)
-            perm, partial = None, None
-            if epoch + 1 < spec.epochs and dist.should_stop(bool(stop.requested), True):
-                raise Stopped(f"{stop.requested} received: saved the checkpoint of epoch {epoch + 1}; "
-                              "rerun with --resume to continue")
-
-    if dist.main:
-        _write_log(out / "log.csv", rows)
-    last = rows[-1]
-    total = sum(float(r["seconds"]) for r in rows)
-    return {"epochs": len(rows), "train_loss": float(last["loss"]),
-            "train_acc": float(last["train_acc"]),
-            "train_adv_acc": None if last["train_adv_acc"] is None else float(last["train_adv_acc"]),
-            "seconds": round(total, 3), "images_per_s": round(len(rows) * n / max(total, 1e-9), 1),
-            "n_train": n, "loss_fn": spec.loss, "spec": dataclasses.asdict(spec)}
+            _write_log(self.out / "log.csv", self.rows)
+            print(f"{self.desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc {float(row['train_acc']):.2f}%"
+                  + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
+                  + f", lr {self.lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s", flush=True)
+        return True  # a checkpoint after every epoch
 
 
 def load_train_data(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -291,8 +291,8 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     # what the run computes (not where or how fast): a resume must match all of it
     fp = fingerprint(provenance, dataclasses.asdict(spec), cfg.seed, data_digest, model.bn_branch,
                      model.num_classes, str(rt.amp_dtype), cfg.distributed.bn)
-    summary = fit(model, trainable, spec, x, y, rt, out, seed=cfg.seed, fingerprint=fp, resume=resume,
-                  train_mode=train_mode, desc=desc, dist=dist, bn=cfg.distributed.bn)
+    summary = ClassifierTraining(model, trainable, spec, x, y, rt, out, seed=cfg.seed, fingerprint=fp,
+                                 train_mode=train_mode, desc=desc, dist=dist, bn=cfg.distributed.bn).run(resume)
     if not dist.main:  # rank 0 writes the outputs
         return summary
     prov = {**provenance, "data": str(data), "data_sha256": data_digest, "seed": cfg.seed,

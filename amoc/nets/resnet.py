@@ -11,10 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
 from amoc.nets.dual_bn import DualBatchNorm2d
-
-CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
-CIFAR10_STD = (0.2471, 0.2435, 0.2617)
 
 
 class Normalize(nn.Module):

@@ -1,4 +1,4 @@
-"""The pre-training attack (spec section 4): PGD on the variant's contrastive loss."""
+"""The pre-training attack (docs/pretrain.md): PGD on the variant's contrastive loss."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from amoc.attacks import pgd_linf
+from amoc.attacks.pgd import pgd
 from amoc.config import AttackConfig
 from amoc.distributed import Dist
 from amoc.pretrain.losses import info_nce
@@ -66,19 +66,7 @@ class ContrastiveAttack:
                     k = model.embed(model.key, next(parts), "adv") if v.adv_key else key
                 return info_nce(q, k, negatives, reduction="sum")
 
-            x_adv = pgd_linf(x, objective, eps=self.cfg.eps, step_size=self.cfg.step_size, steps=self.cfg.steps,
-                             random_start=self.cfg.random_start, generator=generator,
-                             start=self._random_start(x, len(views), generator))
+            shard = self.dist.shard(batch * self.dist.world)  # the global batch of each view
+            x_adv = pgd(x, objective, self.cfg, generator, shard, views=len(views))
         parts = iter(x_adv.split(batch))
         return (next(parts) if v.adv_query else None), (next(parts) if v.adv_key else None)
-
-    def _random_start(self, x: torch.Tensor, n_views: int, generator: torch.Generator | None) -> torch.Tensor | None:
-        """Uniform noise in the eps-ball, the same numbers pgd_linf would draw for one
-        process; None when there is nothing to draw (pgd_linf then draws nothing)."""
-        c = self.cfg
-        if not (self.dist.active and c.random_start and c.eps > 0 and c.steps > 0):
-            return None
-        shard = self.dist.shard(x.shape[0] // n_views * self.dist.world)  # x: views x B/N images
-        noise = shard.rows(torch.rand((n_views, shard.total, *x.shape[1:]), generator=generator, device=x.device,
-                                      dtype=x.dtype), dim=1)
-        return x + (2 * noise.reshape(x.shape) - 1) * c.eps

@@ -1,4 +1,4 @@
-"""Batched SimCLR augmentation (spec section 5) with per-sample random parameters.
+"""Batched SimCLR augmentation (docs/pretrain.md) with per-sample random parameters.
 
 ``SimCLRAugment`` takes a whole batch of images on the training device (CPU or CUDA)
 and returns one augmented view per image. Every sample draws its own parameters, as
@@ -57,7 +57,7 @@ inside.
 Speed on CPU: apart from the output, every large intermediate lives in a workspace that
 the module keeps between calls (a few MB). Allocating fresh multi-MB tensors would make
 glibc map and unmap them on every call, and the page faults cost more than the
-arithmetic (see docs/perf-notes "CPU allocator trap"). A consequence: one module must
+arithmetic (see benchmarks/README.md, "CPU allocator"). A consequence: one module must
 not be called from several threads at once on CPU (use one module per thread; on CUDA
 nothing is cached). ``torch.where`` is avoided on large tensors (it is ~20x slower than
 arithmetic on CPU); per-sample selections are exact 0/1 blends instead.

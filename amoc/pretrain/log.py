@@ -1,4 +1,4 @@
-"""Bookkeeping of the pre-training loop: per-epoch rows (log.csv) and the progress bar.
+"""Bookkeeping of the pre-training loop: per-epoch rows (log.csv).
 
 Losses are summed on the device, step after step, and read back only every few steps
 (`running`, `check_finite`) and at the end of an epoch, so the loop never waits for
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from amoc.io import write_text
 from amoc.stopping import check_finite
@@ -84,36 +82,3 @@ class EpochLog:
         self.rows = [dict(r) for r in state["rows"]]
         self.count, self.lr = state["count"], state["lr"]
         self.sums = None if state["sums"] is None else state["sums"].to(device)
-
-
-class Progress:
-    """A tqdm bar over all steps of the run: loss, lr, images/s; updated on sync only."""
-
-    def __init__(self, total: int, done: int, batch_size: int, *, enabled: bool) -> None:
-        self.bar = tqdm(total=total, initial=done, unit="step", desc="pretrain", disable=not enabled,
-                        dynamic_ncols=True, leave=False)
-        self.batch_size = batch_size
-        self.last = (done, time.perf_counter())
-
-    def restart(self, done: int) -> None:
-        """Start the images/s clock afresh (after the k-NN monitor or a checkpoint)."""
-        self.last = (done, time.perf_counter())
-
-    def update(self, done: int, log: EpochLog, lr: float) -> None:
-        """Move the bar to `done` steps; reads the running losses (a host sync) only
-        when the bar is shown."""
-        now = time.perf_counter()
-        steps, seconds = done - self.last[0], now - self.last[1]
-        self.last = (done, now)
-        if self.bar.disable:
-            return
-        self.bar.update(steps)
-        postfix = {name: f"{value:.3f}" for name, value in log.running().items()}
-        postfix.update(lr=f"{lr:.4f}", img_s=f"{steps * self.batch_size / max(seconds, 1e-9):.0f}")
-        self.bar.set_postfix(postfix, refresh=False)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.close()

@@ -1,4 +1,4 @@
-"""The AMOC model (spec section 2): query and key networks, EMA, two memory queues.
+"""The AMOC model (docs/pretrain.md): query and key networks, EMA, two memory queues.
 
 The model owns the state of the method and nothing else: the step (step.py) and the
 attack (attack.py) call its small methods. All state is in parameters and persistent
@@ -31,7 +31,7 @@ def embed(net: nn.Module, x: torch.Tensor, branch: Branch, temperature: float) -
 
 
 def projector(in_dim: int, hidden_dim: int, feature_dim: int) -> nn.Sequential:
-    """Linear -> ReLU -> Linear, no BN (spec)."""
+    """Linear -> ReLU -> Linear, no BN (as the authors)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, feature_dim))
 
 
@@ -111,7 +111,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def update_key(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q over the parameters (encoder and
-        projector). BN running statistics are buffers and are not averaged (spec)."""
+        projector). BN running statistics are buffers and are not averaged (as in the authors' code)."""
         key, query = list(self.key.parameters()), list(self.query.parameters())
         torch._foreach_mul_(key, self.key_momentum)
         torch._foreach_add_(key, query, alpha=1.0 - self.key_momentum)

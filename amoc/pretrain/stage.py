@@ -1,4 +1,4 @@
-"""`amoc pretrain`: AMOC pre-training of the query encoder (spec section 5).
+"""`amoc pretrain`: AMOC pre-training of the query encoder (docs/pretrain.md).
 
 Outputs in ``--out``: encoder.pt (nets.store format), metrics.json, log.csv (one row
 per epoch, rewritten atomically) and checkpoints/ (every ``checkpoint_every`` epochs,
@@ -36,13 +36,14 @@ from amoc.nets.store import save_encoder
 from amoc.pretrain.attack import ContrastiveAttack
 from amoc.pretrain.augment import SimCLRAugment
 from amoc.pretrain.knn import knn_accuracy
-from amoc.pretrain.log import EpochLog, Progress
+from amoc.pretrain.log import EpochLog
 from amoc.pretrain.moco import MoCo, QueryPass, build_moco
 from amoc.pretrain.step import TrainStep
 from amoc.pretrain.variants import Variant
-from amoc.runtime import Runtime, oom_hint, setup
+from amoc.runtime import Runtime, setup
 from amoc.schedule import scaled_lr, set_lr, warmup_cosine
-from amoc.stopping import StopSignals, Stopped, check_finite_params
+from amoc.stopping import check_finite_params
+from amoc.training.loop import Job, Loop
 
 OUTPUTS = ("encoder.pt", "metrics.json", "log.csv")
 
@@ -113,10 +114,13 @@ def run(cfg: Config, args: Any) -> int:
     return 0
 
 
-class Pretraining:
-    """The stage's state: data, model, optimiser, generator, log; `run` is the loop."""
+class Pretraining(Job):
+    """The stage's state (data, model, optimiser, generator, log) and what one step and
+    one epoch do; `run` hands it to the shared resumable loop (amoc.training)."""
 
-    SYNC_EVERY = 50  # steps between host syncs (progress bar and NaN check)
+    desc = "pretrain"
+    batch_key = "pretrain.batch_size"
+    sync_every = 50  # steps between host syncs (progress bar and NaN check)
 
     def __init__(self, cfg: Config, data: Path, out: Path, dist: Dist = Dist()) -> None:
         self.cfg, self.out, self.dist = cfg, out, dist
@@ -124,6 +128,7 @@ class Pretraining:
         if p.batch_size % dist.world:
             raise ConfigError(f"pretrain.batch_size: the global batch of {p.batch_size} does not split evenly over "
                               f"{dist.world} processes; use a multiple of {dist.world}")
+        self.epochs, self.batch_size = p.epochs, p.batch_size
         self.variant = Variant.parse(cfg.variant)
         self.rt = rt = setup(cfg.runtime, cfg.seed, dist)
         self.data = load_data(data, rt.device, p.batch_size)
@@ -149,111 +154,78 @@ class Pretraining:
         self.generator = rt.generator(cfg.seed)  # augmentation and attack noise
         self.checkpoints = CheckpointManager(out / "checkpoints", run_fingerprint(cfg, rt, self.data.stats))
         self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=self.variant.has_adv_loss)
-        self.epoch, self.step_in_epoch = 0, 0  # position: next step to run
-        self.seconds = 0.0  # training time of the current epoch so far
+        self.order: torch.Tensor | None = None  # the current epoch's image order
+        self.lr = 0.0
+        self.clock = (0, time.perf_counter())  # (steps done, time) at the last sync, for images/s
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
+        return self.finish()
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
+        self.log.check_finite(epoch=self.log_epoch, step=self.log.count)  # never checkpoint a NaN
+        check_finite_params(self.model.query, epoch=self.log_epoch)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "seconds": self.seconds, "log": self.log.state(), "rng": rng_state(self.generator)}
+                "log": self.log.state(), "rng": rng_state(self.generator)}
 
-    def save(self) -> Path:
-        """A checkpoint at the current position: after `epoch` whole epochs plus
-        `step_in_epoch` steps of the next one (0 at an epoch boundary)."""
-        self.log.check_finite(epoch=self.epoch, step=self.step_in_epoch)  # never checkpoint a NaN
-        check_finite_params(self.model.query, epoch=self.epoch)
-        if not self.dist.main:  # the ranks hold the same state; rank 0 writes it
-            return self.checkpoints.path(self.epoch, self.step_in_epoch)
-        return self.checkpoints.save(self.epoch, self.state(), step=self.step_in_epoch)
-
-    def restore(self) -> bool:
-        blob = self.checkpoints.load_latest()
-        if blob is None:
-            return False
+    def load_state(self, blob: dict[str, Any]) -> None:
         self.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
-        self.epoch, self.step_in_epoch = blob["epoch"], blob["step"]
-        self.seconds = blob["seconds"]
         self.log.load_state(blob["log"], self.rt.device)
         set_rng_state(blob["rng"], self.generator)
-        return True
 
-    def _start(self, resume: bool) -> None:
-        self._open(resume)
-        self.dist.barrier()  # rank 0 has cleared stale files or every rank has read the checkpoint
-        self.dist.broadcast_state(self.model)
-
-    def _open(self, resume: bool) -> None:
-        if resume and self.restore():
-            if self.dist.main:
-                print(f"amoc pretrain: resuming at epoch {self.epoch + 1}, step {self.step_in_epoch} "
-                      f"from {self.checkpoints.folder}", file=sys.stderr)
-            return
-        if not self.dist.main:
-            return
-        if resume:
-            print(f"amoc pretrain: note: no usable checkpoint in {self.checkpoints.folder}; starting fresh",
-                  file=sys.stderr)
-        # A fresh run: drop what an earlier run left, so a later --resume or a reader
-        # never mixes the two.
-        self.checkpoints.clear()
+    def fresh(self) -> None:
         for name in OUTPUTS:
             (self.out / name).unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------ the loop
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        p = self.cfg.pretrain
-        self._start(resume)
-        total = p.epochs * self.steps_per_epoch
-        progress = Progress(total, self.epoch * self.steps_per_epoch + self.step_in_epoch, p.batch_size,
-                            enabled=self.rt.progress and self.dist.main)
-        with StopSignals() as signals, progress, oom_hint("pretrain", "pretrain.batch_size", p.batch_size):
-            while self.epoch < p.epochs:
-                self.train_epoch(signals, progress)
-                self.end_epoch()
-        return self.finish()
+    def started(self) -> None:
+        self.dist.broadcast_state(self.model)  # every rank starts from rank 0's weights
 
-    def train_epoch(self, signals: StopSignals, progress: Progress) -> None:
+    @property
+    def log_epoch(self) -> int:
+        """Epochs finished so far (the log's rows), for messages."""
+        return len(self.log.rows)
+
+    # ------------------------------------------------------------------ one epoch
+    def steps_in_epoch(self) -> int:
+        return self.steps_per_epoch
+
+    def begin_epoch(self, epoch: int, step: int) -> None:
+        self.order = epoch_order(self.cfg.seed, epoch, len(self.data.train_x)).to(self.rt.device)
+        self.clock = (epoch * self.steps_per_epoch + step, time.perf_counter())
+
+    def train_step(self, epoch: int, step: int) -> None:
         p, rt, dist = self.cfg.pretrain, self.rt, self.dist
-        order = epoch_order(self.cfg.seed, self.epoch, len(self.data.train_x)).to(rt.device)
         shard = dist.shard(p.batch_size)  # this rank's rows of every global batch
-        warmup = p.warmup_epochs * self.steps_per_epoch
+        images = self.data.train_x[shard.rows(self.order[step * p.batch_size:(step + 1) * p.batch_size])]
+        x_query = rt.images(self.augment(images, generator=self.generator, shard=shard))
+        x_key = rt.images(self.augment(images, generator=self.generator, shard=shard))
         total = p.epochs * self.steps_per_epoch
-        tick = time.perf_counter()
-        progress.restart(self.epoch * self.steps_per_epoch + self.step_in_epoch)
-        while self.step_in_epoch < self.steps_per_epoch:
-            step = self.step_in_epoch
-            images = self.data.train_x[shard.rows(order[step * p.batch_size:(step + 1) * p.batch_size])]
-            x_query = rt.images(self.augment(images, generator=self.generator, shard=shard))
-            x_key = rt.images(self.augment(images, generator=self.generator, shard=shard))
-            lr = warmup_cosine(self.epoch * self.steps_per_epoch + step, total, warmup, self.base_lr)
-            set_lr(self.optimizer, lr)
-            losses = self.step(x_query, x_key, self.generator)
-            if dist.active:  # the global batch's mean losses, as one process would log them
-                losses = dict(zip(losses, dist.mean(torch.stack(list(losses.values())))))
-            self.log.add(losses, lr)
-            self.step_in_epoch += 1
-            synced = self.step_in_epoch % self.SYNC_EVERY == 0 or self.step_in_epoch == self.steps_per_epoch
-            if synced:
-                self.log.check_finite(epoch=self.epoch, step=self.step_in_epoch)  # one host sync
-                progress.update(self.step_in_epoch + self.epoch * self.steps_per_epoch, self.log, lr)
-            if self.dist.should_stop(bool(signals.requested), synced):
-                self.seconds += time.perf_counter() - tick
-                path = self.save()
-                raise Stopped(f"{signals.requested or 'a stop signal'} received: stopped at epoch {self.epoch + 1}, step "
-                              f"{self.step_in_epoch}; checkpoint {path}. Continue with the same command plus --resume")
-        self.seconds += time.perf_counter() - tick
+        self.lr = warmup_cosine(epoch * self.steps_per_epoch + step, total, p.warmup_epochs * self.steps_per_epoch,
+                                self.base_lr)
+        set_lr(self.optimizer, self.lr)
+        losses = self.step(x_query, x_key, self.generator)
+        if dist.active:  # the global batch's mean losses, as one process would log them
+            losses = dict(zip(losses, dist.mean(torch.stack(list(losses.values())))))
+        self.log.add(losses, self.lr)
 
-    def end_epoch(self) -> None:
+    def sync(self, epoch: int, step: int) -> dict[str, str]:
+        self.log.check_finite(epoch=epoch, step=step)  # one host sync
+        done, now = epoch * self.steps_per_epoch + step, time.perf_counter()
+        images_per_s = (done - self.clock[0]) * self.batch_size / max(now - self.clock[1], 1e-9)
+        self.clock = (done, now)
+        return {**{name: f"{value:.3f}" for name, value in self.log.running().items()},
+                "lr": f"{self.lr:.4f}", "img_s": f"{images_per_s:.0f}"}
+
+    def end_epoch(self, epoch: int, seconds: float) -> bool:
         p = self.cfg.pretrain
-        self.epoch += 1
+        done = epoch + 1
         knn = None
-        if ((p.knn_every and self.epoch % p.knn_every == 0) or self.epoch == p.epochs) and self.dist.main:
+        if ((p.knn_every and done % p.knn_every == 0) or done == p.epochs) and self.dist.main:
             knn = self.knn()  # eval mode, no collectives: the other ranks go on and wait at the next one
-        self.log.end_epoch(self.epoch, images=self.steps_per_epoch * p.batch_size, seconds=self.seconds, knn_acc=knn)
-        self.step_in_epoch, self.seconds = 0, 0.0
-        if self.epoch % p.checkpoint_every == 0 or self.epoch == p.epochs:
-            self.save()
+        self.log.end_epoch(done, images=self.steps_per_epoch * p.batch_size, seconds=seconds, knn_acc=knn)
+        return done % p.checkpoint_every == 0 or done == p.epochs
 
     def knn(self) -> float:
         d = self.data

@@ -1,4 +1,4 @@
-"""One AMOC training iteration (spec sections 3-4), written as the algorithm reads."""
+"""One AMOC training iteration (docs/pretrain.md), written as the algorithm reads."""
 from __future__ import annotations
 
 import contextlib

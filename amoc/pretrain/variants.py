@@ -1,4 +1,4 @@
-"""The eight AMOC variants as data (spec section 3).
+"""The eight AMOC variants as data (docs/pretrain.md).
 
 A variant's name is three letters, Query-Key-Queue, each Clean or Adversarial; it is
 parsed once into a frozen :class:`Variant` whose properties answer every question the

@@ -13,7 +13,20 @@ MODELS = ["slf", "alf", "aff", "scratch"]  # every classifier that is evaluated
 # scheduler for that many GPUs. Not a params.yaml key: it changes how fast a job runs,
 # not what it computes (batch sizes are global), so it re-runs nothing.
 GPUS = int(config.get("gpus", 1))
-AMOC = "amoc" if GPUS <= 1 else f"torchrun --standalone --nproc_per_node {GPUS} -m amoc"
+
+
+class Launcher:
+    """What starts amoc in a training job: `amoc`, or torchrun under --config gpus=N.
+
+    Passed to the shell through `params: launcher=LAUNCHER` (so `snakemake --lint` is clean).
+    Deliberately not a str: Snakemake's params trigger leaves out values it cannot store
+    (persistence: UNREPRESENTABLE), so changing the number of GPUs re-runs nothing."""
+
+    def __str__(self):
+        return "amoc" if GPUS <= 1 else f"torchrun --standalone --nproc_per_node {GPUS} -m amoc"
+
+
+LAUNCHER = Launcher()
 
 
 def cfg(*keys):

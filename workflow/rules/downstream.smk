@@ -14,6 +14,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
         mode="slf|alf",
     params:
         **cfg("seed", "probe", "distributed", "runtime.precision"),
+        launcher=LAUNCHER,
     log:
         "logs/probe_{mode}.log",
     threads: 4
@@ -22,7 +23,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{AMOC} probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
+        "{params.launcher} probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
         " --encoder runs/pretrain/encoder.pt --data data/prepared --out runs/{wildcards.mode} --resume > {log} 2>&1"
 
 
@@ -35,7 +36,8 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
         "runs/aff/metrics.json",
         "runs/aff/log.csv",
     params:
-        **cfg("seed", "finetune", "distributed", "runtime.precision"),  # no `model`: encoder.pt carries it
+        **cfg("seed", "finetune", "distributed", "runtime.precision"),
+        launcher=LAUNCHER,  # no `model`: encoder.pt carries it
     log:
         "logs/finetune_aff.log",
     threads: 4
@@ -44,7 +46,7 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{AMOC} finetune --params params.yaml --set seed={params.seed}"
+        "{params.launcher} finetune --params params.yaml --set seed={params.seed}"
         " --init runs/pretrain/encoder.pt --data data/prepared --out runs/aff --resume > {log} 2>&1"
 
 
@@ -57,6 +59,7 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
         "runs/scratch/log.csv",
     params:
         **cfg("seed", "finetune", "model.arch", "model.width", "distributed", "runtime.precision"),
+        launcher=LAUNCHER,
     log:
         "logs/finetune_scratch.log",
     threads: 4
@@ -65,5 +68,5 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{AMOC} finetune --params params.yaml --set seed={params.seed}"
+        "{params.launcher} finetune --params params.yaml --set seed={params.seed}"
         " --init scratch --data data/prepared --out runs/scratch --resume > {log} 2>&1"

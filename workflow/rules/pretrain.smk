@@ -11,6 +11,7 @@ rule pretrain:
         "runs/pretrain/log.csv",
     params:
         **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "distributed", "runtime.precision"),
+        launcher=LAUNCHER,
     log:
         "logs/pretrain.log",
     threads: 4  # a scheduling hint (SLURM cpus-per-task); amoc sets torch's from runtime.threads
@@ -19,6 +20,6 @@ rule pretrain:
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{AMOC} pretrain --params params.yaml --set variant={params.variant} --set queue_size={params.queue_size}"
+        "{params.launcher} pretrain --params params.yaml --set variant={params.variant} --set queue_size={params.queue_size}"
         " --set leverage={params.leverage} --set seed={params.seed}"
         " --data data/prepared --out runs/pretrain --resume > {log} 2>&1"

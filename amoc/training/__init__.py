@@ -1,0 +1,1 @@
+"""The resumable training loop shared by every training stage (amoc.training.loop)."""

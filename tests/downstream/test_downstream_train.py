@@ -1,0 +1,159 @@
+"""`amoc probe` / `amoc finetune`: what trains, what stays frozen, outputs, exact resume."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from downstream_helpers import run_stage, make_prepared, params_file, random_encoder  # noqa: F401
+
+from amoc.downstream import trainer
+from amoc.nets.classifier import load_classifier, read_classifier
+from amoc.nets import DualBatchNorm2d
+from amoc.nets.store import load_encoder, save_encoder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Prepared data, an encoder whose two BN branches hold distinct, non-default
+    statistics (so 'unchanged' means something), and a params file."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_prepared(root / "data", n_train=128, n_test=64)
+    enc_path = random_encoder(root / "encoder.pt")
+    encoder = load_encoder(enc_path)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, DualBatchNorm2d):
+                for bn in (m.clean, m.adv):
+                    bn.running_mean.copy_(0.1 * torch.randn(bn.running_mean.shape, generator=g))
+                    bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
+    save_encoder(enc_path, encoder, extra={"bn_branch": "adv"})
+    return {"root": root, "data": data, "encoder": enc_path, "params": params_file(root)}
+
+
+def encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_encoder(path).state_dict().items()}
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("mode,alf_loss", [("slf", "trades"), ("alf", "trades"), ("alf", "pgd_at")])
+def test_probe_trains_only_the_head(setup, mode, alf_loss):
+    out = setup["root"] / f"probe-{mode}-{alf_loss}"
+    assert run_stage("probe", setup["params"], "--mode", mode, "--encoder", str(setup["encoder"]), "--data",
+                str(setup["data"]), "--out", str(out), **{"probe.loss": alf_loss}) == 0
+    model, prov = read_classifier(out / "classifier.pt")
+    before = encoder_state(setup["encoder"])
+    after = model.encoder.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:  # weights, both BN branches' running stats and counters
+        assert torch.equal(before[key], after[key]), key
+    assert model.head.weight.abs().sum() > 0 and model.bn_branch == "adv"
+    rows = read_log(out / "log.csv")
+    assert list(rows[0]) == list(trainer.LOG_COLUMNS) and [r["epoch"] for r in rows] == ["1", "2"]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.01])  # milestone at epoch 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["mode"] == mode and metrics["n_train"] == 128
+    assert metrics["loss_fn"] == ("ce" if mode == "slf" else alf_loss)
+    assert metrics["train_loss"] == pytest.approx(float(rows[-1]["loss"]))
+    assert prov["stage"] == "probe" and prov["spec"]["weight_decay"] == (2e-4 if mode == "slf" else 5e-4)
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_aff_trains_the_encoder_on_the_adv_branch(setup):
+    out = setup["root"] / "aff"
+    assert run_stage("finetune", setup["params"], "--init", str(setup["encoder"]), "--data", str(setup["data"]),
+                "--out", str(out)) == 0
+    before = encoder_state(setup["encoder"])
+    after = load_classifier(out / "classifier.pt").encoder.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed
+    assert "bn1.adv.running_mean" in changed and "bn1.adv.weight" in changed
+    # train mode on the adversarial branch: the clean branch's statistics never move
+    assert not any(".clean.running_" in k for k in changed)
+    assert json.loads((out / "metrics.json").read_text())["mode"] == "aff"
+
+
+def test_scratch_builds_the_encoder_from_params_and_data_stats(setup):
+    out = setup["root"] / "scratch"
+    assert run_stage("finetune", setup["params"], "--init", "scratch", "--data", str(setup["data"]),
+                "--out", str(out), **{"model.width": 0.125}) == 0
+    blob = torch.load(out / "classifier.pt", weights_only=True)
+    stats = json.loads((setup["data"] / "stats.json").read_text())
+    assert blob["encoder"]["width"] == 0.125
+    assert blob["encoder"]["mean"] == pytest.approx(stats["mean"]) and blob["encoder"]["std"] == pytest.approx(stats["std"])
+    assert blob["provenance"]["init"] == "scratch" and blob["bn_branch"] == "adv"
+
+
+def _state(out: Path) -> dict[str, torch.Tensor]:
+    return load_classifier(out / "classifier.pt").state_dict()
+
+
+def _probe(setup, out: Path, *extra: str) -> int:
+    return run_stage("probe", setup["params"], "--mode", "alf", "--encoder", str(setup["encoder"]), "--data",
+                str(setup["data"]), "--out", str(out), *extra, **{"probe.batch_size": 32})
+
+
+def test_probe_resumes_exactly_after_a_stop_and_from_an_epoch_checkpoint(setup, monkeypatch):
+    reference = setup["root"] / "resume-ref"
+    assert _probe(setup, reference) == 0
+    ref_state, ref_log = _state(reference), read_log(reference / "log.csv")
+
+    # (1) SIGTERM during epoch 2 (step 2 of 4): mid-epoch checkpoint, exit 130, then --resume
+    class StopAfter:
+        """Stands in for StopSignals: a signal "arrives" on the 7th check: 4 step checks + 1 epoch-end check in epoch 1, then epoch 2, step 2."""
+
+        def __init__(self) -> None:
+            self.checks = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        @property
+        def requested(self):
+            self.checks += 1
+            return "SIGTERM" if self.checks >= 7 else None
+
+    out = setup["root"] / "resume-stop"
+    monkeypatch.setattr(trainer, "StopSignals", StopAfter)
+    assert _probe(setup, out) == 130
+    assert not (out / "classifier.pt").exists()
+    (newest,) = (out / "checkpoints").glob("epoch-0001-step-000002-*.pt")
+    blob = torch.load(newest, weights_only=True)
+    assert (blob["epoch"], blob["step"]) == (1, 2)
+    monkeypatch.undo()
+    assert _probe(setup, out, "--resume") == 0
+    state = _state(out)
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    assert [r["loss"] for r in read_log(out / "log.csv")] == [r["loss"] for r in ref_log]
+
+    # (2) lose the last epoch's checkpoint and outputs, resume from epoch 1
+    (last,) = (out / "checkpoints").glob("epoch-0002-step-000000-*.pt")
+    last.unlink()
+    (out / "classifier.pt").unlink()
+    assert _probe(setup, out, "--resume") == 0
+    state = _state(out)
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+def test_resume_ignores_a_checkpoint_of_another_config(setup, capsys):
+    out = setup["root"] / "resume-other"
+    assert _probe(setup, out) == 0
+    old = set((out / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert run_stage("probe", setup["params"], "--mode", "alf", "--encoder", str(setup["encoder"]), "--data",
+                str(setup["data"]), "--out", str(out), "--resume", **{"probe.batch_size": 32, "probe.lr": 0.05}) == 0
+    captured = capsys.readouterr()
+    assert "starting from the beginning" in captured.err and "resuming" not in captured.out
+    assert "probe alf epoch 1/2" in captured.out
+    assert not old & set((out / "checkpoints").iterdir())  # the stale config's files are gone

@@ -1,0 +1,284 @@
+"""Issue #8, in-process faults: writers that fail half way or hit a full disk, damaged and
+hostile checkpoints handed to the CLI, missing data, CUDA out-of-memory.
+
+(The real-process kill/stop/lock tests are in tests/test_reliability_kill.py.)
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from amoc import cli, io
+from amoc.checkpoint import CheckpointManager
+from amoc.errors import AmocError
+from amoc.nets import build_encoder
+from amoc.nets.store import save_encoder
+from amoc.runtime import oom_hint
+from pretrain_utils import write_prepared  # noqa: F401
+
+PRETRAIN_SETS = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "pretrain.batch_size=8",
+                 "pretrain.epochs=2", "pretrain.checkpoint_every=1", "pretrain.knn_k=5", "queue_size=16"]
+FAST = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "probe.batch_size=8",
+        "probe.epochs=1", "probe.milestones=[]", "finetune.batch_size=8", "finetune.epochs=1",
+        "evaluate.n_images=8", "evaluate.batch_size=8", "evaluate.autoattack=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("data") / "prepared", n_train=16, n_test=8)
+
+
+def amoc(stage: str, params: Path, *args: str, sets=FAST) -> int:
+    argv = [stage, "--params", str(params), *args]
+    for item in sets:
+        argv += ["--set", item]
+    return cli.main(argv)
+
+
+def one_line_error(capsys, stage: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"amoc {stage}: error: "), err
+    return err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+class Payload:
+    """Pickled code: unpickling it creates `marker` (under plain pickle it really does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+def test_torch_save_failing_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "encoder.pt"
+    io.torch_save(path, {"w": torch.ones(3)})
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def half_then_crash(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half a file on disk, as if killed while writing
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(torch, "save", half_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        io.torch_save(path, {"w": torch.zeros(1000)})
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["write", "replace"])
+def test_full_disk_is_a_clear_error_and_the_previous_file_is_untouched(tmp_path, monkeypatch, where):
+    path = tmp_path / "metrics.json"
+    io.write_json(path, {"v": 1})
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "write":
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(full))
+    else:
+        monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(full))
+    with pytest.raises(AmocError) as info:
+        io.write_json(path, {"v": 2})
+    assert str(info.value) == (f"{path}: no space left on device while writing; free disk space and rerun "
+                               "(the previous file, if any, is untouched)")
+    assert json.loads(path.read_text()) == {"v": 1} and leftovers(tmp_path) == []
+
+
+def test_real_full_disk_device_gives_enospc_through_torch_save(tmp_path, monkeypatch):
+    """/dev/full fails every write with ENOSPC, as a full disk does. torch.save reports
+    that as OSError(ENOSPC) only when it writes through a Python file object (amoc's
+    torch_save does); given a path, its C++ writer raises RuntimeError('unexpected pos')."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OSError) as info, open("/dev/full", "wb") as fh:
+        torch.save({"w": torch.zeros(10_000)}, fh)
+    assert info.value.errno == errno.ENOSPC
+    # end to end: the temp file's writes all go to /dev/full
+    real_open = open
+
+    def open_full(file, mode="r", *args, **kwargs):
+        return real_open("/dev/full", mode, *args, **kwargs) if str(file).endswith(".tmp") and "w" in mode else real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_full)
+    with pytest.raises(AmocError, match="no space left on device"):
+        io.torch_save(tmp_path / "x.pt", {"w": torch.zeros(10_000)})
+    monkeypatch.undo()
+    assert not (tmp_path / "x.pt").exists() and leftovers(tmp_path) == []
+
+
+def test_torch_save_writes_the_same_bytes_every_time(tmp_path):
+    """Identical objects give identical files (DVC hashes outputs): the zip's inner folder
+    name must not come from the random temp file name."""
+    obj = {"w": torch.arange(10.0), "meta": {"a": 1}}
+    io.torch_save(tmp_path / "a.pt", obj)
+    io.torch_save(tmp_path / "b.pt", obj)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path / "checkpoints", "f" * 16)
+    first = manager.save(1, {"w": torch.ones(3)})
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(AmocError, match="no space left on device"):
+        manager.save(2, {"w": torch.full((3,), 2.0)})
+    monkeypatch.undo()
+    assert manager.paths() == [first]
+    assert torch.equal(manager.load_latest()["w"], torch.ones(3)) and leftovers(tmp_path) == []
+
+
+def test_pretrain_on_a_full_disk_exits_2_and_resumes_later(params, data, tmp_path, monkeypatch, capsys):
+    """ENOSPC when epoch 2's checkpoint is written: exit 2, one line, epoch 1's checkpoint
+    intact, no encoder.pt; once there is space, --resume finishes from epoch 1."""
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def full_at_epoch_2(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_at_epoch_2)
+    assert amoc("pretrain", params, "--data", str(data), "--out", str(out), sets=PRETRAIN_SETS) == 2
+    err = one_line_error(capsys, "pretrain")
+    assert "epoch-0002-step-000000" in err and "no space left on device" in err
+    monkeypatch.undo()
+    assert [p.name[:22] for p in sorted((out / "checkpoints").iterdir())] == ["epoch-0001-step-000000"]
+    assert not (out / "encoder.pt").exists() and leftovers(out) == [] and not (out / ".amoc.lock").exists()
+    assert amoc("pretrain", params, "--data", str(data), "--out", str(out), "--resume", sets=PRETRAIN_SETS) == 0
+    assert "resuming at epoch 2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- damaged / hostile inputs
+@pytest.fixture
+def encoder_file(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.pt"
+    save_encoder(path, build_encoder(width=0.0625, mean=(0.5,) * 3, std=(0.25,) * 3), extra={"bn_branch": "adv"})
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("stage", ["probe", "finetune"])
+def test_truncated_encoder_is_one_line_exit_2(params, data, encoder_file, tmp_path, capsys, stage):
+    _truncate(encoder_file)
+    flag = ["--mode", "slf", "--encoder"] if stage == "probe" else ["--init"]
+    assert amoc(stage, params, *flag, str(encoder_file), "--data", str(data), "--out", str(tmp_path / "o")) == 2
+    assert one_line_error(capsys, stage) == (f"amoc {stage}: error: {encoder_file}: truncated or corrupt checkpoint "
+                                             "(RuntimeError); delete it or rerun the stage that writes it")
+    assert not (tmp_path / "o" / "classifier.pt").exists()
+
+
+def test_truncated_classifier_is_one_line_exit_2(params, data, encoder_file, tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert amoc("probe", params, "--mode", "slf", "--encoder", str(encoder_file), "--data", str(data), "--out", str(out)) == 0
+    _truncate(out / "classifier.pt")
+    capsys.readouterr()
+    assert amoc("evaluate", params, "--model", str(out / "classifier.pt"), "--data", str(data), "--out", str(tmp_path / "e")) == 2
+    err = one_line_error(capsys, "evaluate")
+    assert f"{out / 'classifier.pt'}: truncated or corrupt checkpoint" in err
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+def test_payload_runs_under_plain_pickle(tmp_path):
+    """Control: the payload is real (so its absence below means it was refused)."""
+    marker, path = tmp_path / "marker", tmp_path / "evil.pt"
+    torch.save({"x": Payload(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("stage", ["probe", "finetune", "evaluate"])
+def test_pickled_code_given_to_a_stage_is_refused(params, data, encoder_file, tmp_path, capsys, stage):
+    marker, evil = tmp_path / "marker", tmp_path / "evil.pt"
+    blob = torch.load(encoder_file, weights_only=True)
+    blob["extra"] = Payload(marker)
+    torch.save(blob, evil)
+    flag = {"probe": ["--mode", "slf", "--encoder"], "finetune": ["--init"], "evaluate": ["--model"]}[stage]
+    assert amoc(stage, params, *flag, str(evil), "--data", str(data), "--out", str(tmp_path / "o")) == 2
+    err = one_line_error(capsys, stage)
+    assert f"{evil}: refused to load: it holds more than tensors and plain data (Unsupported global: GLOBAL io.open)" in err
+    assert "only checkpoints written by amoc are accepted" in err
+    assert not marker.exists()
+
+
+def test_pickled_code_as_resume_checkpoint_is_skipped_never_run(params, data, tmp_path, capsys):
+    """The newest checkpoint is replaced by one carrying code (same name): --resume warns,
+    falls back to the older one and finishes; the payload never runs."""
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    assert amoc("pretrain", params, "--data", str(data), "--out", str(out), sets=PRETRAIN_SETS) == 0
+    newest = sorted((out / "checkpoints").glob("epoch-*.pt"))[-1]
+    blob = torch.load(newest, weights_only=True)
+    blob["log"] = Payload(marker)
+    torch.save(blob, newest)
+    capsys.readouterr()
+    assert amoc("pretrain", params, "--data", str(data), "--out", str(out), "--resume", sets=PRETRAIN_SETS) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {newest}: refused to load" in err and "falling back to an older checkpoint" in err
+    assert "resuming at epoch 2" in err
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- missing inputs
+@pytest.mark.parametrize("stage", ["pretrain", "probe", "finetune", "evaluate"])
+def test_missing_dataset_is_a_clear_error(params, encoder_file, tmp_path, capsys, stage):
+    missing = tmp_path / "nowhere"
+    args = {"pretrain": [], "probe": ["--mode", "slf", "--encoder", str(encoder_file)],
+            "finetune": ["--init", "scratch"], "evaluate": ["--model", str(encoder_file)]}[stage]
+    code = amoc(stage, params, *args, "--data", str(missing), "--out", str(tmp_path / "o"),
+                sets=PRETRAIN_SETS if stage == "pretrain" else FAST)
+    assert code == 2
+    err = one_line_error(capsys, stage)
+    if stage == "evaluate":  # reads the model first: an encoder is not a classifier
+        assert "not an amoc classifier" in err
+    else:
+        assert f"{missing}/" in err and "not found; run `amoc download --out" in err
+
+
+def test_missing_encoder_is_a_clear_error(params, data, tmp_path, capsys):
+    missing = tmp_path / "runs" / "encoder.pt"
+    assert amoc("probe", params, "--mode", "slf", "--encoder", str(missing), "--data", str(data), "--out", str(tmp_path / "o")) == 2
+    assert one_line_error(capsys, "probe") == (f"amoc probe: error: {missing}: checkpoint not found; "
+                                               "run the stage that writes it first")
+
+
+# ----------------------------------------------------------------------------- resources
+def test_oom_hint_names_the_batch_size_and_the_override():
+    with pytest.raises(AmocError) as info:
+        with oom_hint("pretrain", "pretrain.batch_size", 512):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore text")
+    message = str(info.value)
+    assert message == ("pretrain: out of GPU memory at batch size 512 (CUDA out of memory. Tried to allocate 2.00 GiB "
+                       "(GPU 0; 79.1 GiB total)); lower it with --set pretrain.batch_size=256, or free the GPU")
+    assert info.value.exit_code == 2 and info.value.__cause__ is None
+
+
+def test_oom_hint_lets_everything_else_through():
+    with oom_hint("probe", "probe.batch_size", 8):
+        pass
+    with pytest.raises(RuntimeError, match="not an OOM"):
+        with oom_hint("probe", "probe.batch_size", 8):
+            raise RuntimeError("not an OOM")
+    with pytest.raises(AmocError, match=r"batch size 1 .*probe.batch_size=1,"):
+        with oom_hint("probe", "probe.batch_size", 1):
+            raise torch.OutOfMemoryError("CUDA out of memory")
