@@ -279,6 +279,31 @@ def pil_box_radius(sigma: Tensor) -> tuple[Tensor, Tensor]:
     return l, a
 
 
+_BOX_TABLES: dict[tuple, Tensor] = {}  # CPU only: (n, n_l, dtype) -> the tables (a few 10 kB each)
+
+
+def _pil_box_tables(n: int, n_l: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(4 n_l) x (n*n): for l = 0 .. n_l-1, the four coefficient matrices of ``(A_l + a
+    F_l)^3`` in powers of ``a`` (see ``pil_blur_matrices``), flattened. Small integers,
+    exact in float32. Kept between calls on CPU (building them is ~20 small ops)."""
+    key = (n, n_l, dtype)
+    if device.type == "cpu" and key in _BOX_TABLES:
+        return _BOX_TABLES[key]
+    idx = torch.arange(n, device=device, dtype=dtype)
+    dist = (idx[None, :] - idx[:, None]).abs_()  # n x n, |j - i|
+    edge = torch.ones(n, device=device, dtype=dtype)  # cap per column: 1 inside, unbounded at the edges
+    edge[0] = edge[-1] = math.inf
+    ls = torch.arange(n_l, device=device, dtype=dtype).view(-1, 1, 1)
+    box = torch.minimum((ls + 1.0 - dist).clamp_(min=0.0), edge)  # A_l, edge-clamped: L x n x n
+    far = torch.minimum((ls + 2.0 - dist).clamp_(min=0.0), edge).sub_(box)  # F_l
+    aa, af, fa, ff = box @ box, box @ far, far @ box, far @ far
+    table = torch.stack([aa @ box, aa @ far + af @ box + fa @ box, af @ far + fa @ far + ff @ box, ff @ far], dim=1)
+    table = table.view(n_l * 4, n * n)
+    if device.type == "cpu":
+        _BOX_TABLES[key] = table
+    return table
+
+
 def pil_blur_matrices(sigma: Tensor, n: int, max_sigma: float, apply: Tensor | None = None,
                       dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """B x n x n: the linear map that Pillow's ``ImageFilter.GaussianBlur(radius=sigma)``
@@ -309,20 +334,12 @@ def pil_blur_matrices(sigma: Tensor, n: int, max_sigma: float, apply: Tensor | N
     # one spare integer radius: float rounding of sigma near a jump of l cannot fall off the table
     n_l = _box_int(float(max_sigma)) + 2
     l = l.clamp_(max=n_l - 1)
-    idx = torch.arange(n, device=dev, dtype=dtype)
-    dist = (idx[None, :] - idx[:, None]).abs_()  # n x n, |j - i|
-    edge = torch.ones(n, device=dev, dtype=dtype)  # cap per column: 1 inside, unbounded at the edges
-    edge[0] = edge[-1] = math.inf
-    ls = torch.arange(n_l, device=dev, dtype=dtype).view(-1, 1, 1)
-    box = torch.minimum((ls + 1.0 - dist).clamp_(min=0.0), edge)  # A_l, edge-clamped: L x n x n
-    far = torch.minimum((ls + 2.0 - dist).clamp_(min=0.0), edge).sub_(box)  # F_l
-    aa, af, fa, ff = box @ box, box @ far, far @ box, far @ far
-    table = torch.stack([aa @ box, aa @ far + af @ box + fa @ box, af @ far + fa @ far + ff @ box, ff @ far], dim=1)
+    table = _pil_box_tables(n, n_l, dtype, dev)
     one = torch.ones_like(a)
     coef = torch.stack([one, a, a * a, a * a * a], dim=1) / (2.0 * (l + a) + 1.0).pow(3).unsqueeze(1)  # B x 4
     pick = (l.unsqueeze(1) == torch.arange(n_l, device=dev, dtype=l.dtype)).to(coef.dtype)  # B x L one-hot
     coef = (pick.unsqueeze(2) * coef.unsqueeze(1)).view(bsz, n_l * 4).to(dtype)
-    torch.mm(coef, table.view(n_l * 4, n * n), out=out.view(bsz, n * n))
+    torch.mm(coef, table, out=out.view(bsz, n * n))
     return out
 
 
