@@ -64,7 +64,8 @@ class AugmentConfig:
     gray_p: float = spec(0.2, lo=0.0, hi=1.0)
     blur_p: float = spec(0.5, lo=0.0, hi=1.0)
     blur_sigma: list[float] = spec([0.1, 2.0], lo=0.0, lo_open=True)
-    blur_kernel: int = spec(3, lo=1)
+    blur_kernel: int = spec(0, lo=0, doc="0 = PIL's GaussianBlur(radius=sigma), full support (the authors'); "
+                                         "odd k = torchvision's truncated GaussianBlur(k)")
 
 
 @dataclass(frozen=True)
@@ -347,8 +348,8 @@ def _cross_checks(cfg: Config) -> Config:
         raise ConfigError(f"pretrain.augment.jitter: {_fmt(p.augment.jitter)} needs 4 values: brightness, contrast, saturation, hue")
     if p.augment.jitter[3] > 0.5:
         raise ConfigError(f"pretrain.augment.jitter[3]: {p.augment.jitter[3]:g} is out of range; hue jitter allowed [0, 0.5]")
-    if p.augment.blur_kernel % 2 == 0:
-        raise ConfigError(f"pretrain.augment.blur_kernel: {p.augment.blur_kernel} is even; use an odd kernel size such as 3")
+    if p.augment.blur_kernel > 0 and p.augment.blur_kernel % 2 == 0:
+        raise ConfigError(f"pretrain.augment.blur_kernel: {p.augment.blur_kernel} is even; use 0 (PIL's full-support blur, the default) or an odd kernel size such as 3")
     for section, stage in (("probe", cfg.probe), ("finetune", cfg.finetune)):
         ms = stage.milestones
         if list(ms) != sorted(ms) or any(m > stage.epochs for m in ms):

@@ -5,17 +5,21 @@ per-image PIL pipeline, two views of a batch of 32x32 images.
 
 Prints ``name: value unit`` lines. "images/s" counts source images per second, each
 given two independent views (so views/s is twice that). The PIL side is the usual
-MoCo/SimCLR CIFAR loader transform, applied image by image to PIL images built
-beforehand (building them, as a torchvision CIFAR dataset does per item, is not timed:
-this favours PIL), outputs stacked into a batch. Both sides run in this process,
-interleaved repeat by repeat, so they share the allocator setting, thread count and
-machine load; the median of the repeats is reported (wall clock, and for the CPU
-side also CPU seconds consumed, which other jobs on a shared machine disturb less).
+MoCo/SimCLR CIFAR loader transform with the authors' blur (PIL's
+``ImageFilter.GaussianBlur(radius=sigma)``, sigma uniform in [0.1, 2], p=0.5, which
+is also what the batched side's default ``blur_kernel: 0`` computes), applied image by
+image to PIL images built beforehand (building them, as a torchvision CIFAR dataset
+does per item, is not timed: this favours PIL), outputs stacked into a batch. Both
+sides run in this process, interleaved repeat by repeat, so they share the allocator
+setting, thread count and machine load; the median of the repeats is reported (wall
+clock, and for the CPU side also CPU seconds consumed, which other jobs on a shared
+machine disturb less).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoc.config import AugmentConfig  # noqa: E402
 from amoc.pretrain.augment import SimCLRAugment  # noqa: E402
-from common import pil_pipeline  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name, pil_pipeline  # noqa: E402  (benchmarks/common.py)
 
 
 def load_batch(path: str | None, batch: int, seed: int) -> torch.Tensor:
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         from PIL import Image
 
         tf = pil_pipeline()
+        random.seed(args.seed)  # the PIL side's draws (Python's random and torch's global generator)
+        torch.manual_seed(args.seed)
         pil_images = [Image.fromarray(a) for a in cpu_x.permute(0, 2, 3, 1).numpy()]
 
         def pil() -> tuple[float, float]:
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     kind = "cuda" if device.type == "cuda" else "cpu"
     med = statistics.median(t for t, _ in t_ours)
     print(f"device: {torch.cuda.get_device_name(device) if kind == 'cuda' else 'cpu'}")
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores")
     print(f"torch_threads: {torch.get_num_threads()}")
     print(f"glibc_tunables: {os.environ.get('GLIBC_TUNABLES', 'unset')}")
     print(f"data: {args.data or 'random uint8'} batch {args.batch} x {args.views} views")

@@ -21,8 +21,9 @@ What is compared (the reading chosen so that the comparison is honest):
 - Reference side: a Dataset that, like torchvision's CIFAR10, builds a PIL image per
   item from the uint8 array and applies the MoCo/SimCLR CIFAR transform twice
   (RandomResizedCrop(32, scale=(0.2, 1)), RandomHorizontalFlip, RandomApply(
-  ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(0.2), RandomApply(
-  GaussianBlur(3, sigma=(0.1, 2.0)), p=0.5), ToTensor), a torch DataLoader (shuffle,
+  ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(0.2), RandomApply(PIL's
+  ImageFilter.GaussianBlur(radius=sigma), sigma uniform in [0.1, 2], p=0.5), ToTensor;
+  benchmarks/common.py), a torch DataLoader (shuffle,
   drop_last, `--workers` worker processes; pin_memory on CUDA) and a host-to-device copy
   per batch; fp32, contiguous (NCHW) layout, no autocast, no compile.
 - Our side: exactly the `Pretraining.train_epoch` loop body: index the device-resident
