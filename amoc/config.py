@@ -119,7 +119,7 @@ class PretrainConfig:
     weight_decay: float = spec(5e-4, lo=0.0)
     warmup_epochs: int = spec(10, lo=0)
     queue_size_adv: int = spec(0, lo=0, doc="size of queue_adv (0 = queue_size)")
-    enqueue_order: Literal["moco", "authors"] = "moco"
+    enqueue_order: Literal["moco", "authors"] = "authors"  # docs/pretrain.md, "Enqueue order"
     attack: AttackConfig = field(default_factory=AttackConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     checkpoint_every: int = spec(10, lo=1, doc="epochs between checkpoints")
@@ -140,7 +140,12 @@ class DownstreamConfig:
     weight_decay: float = spec(5e-4, lo=0.0)
     loss: Literal["trades", "pgd_at"] = "trades"  # probe: ALF's loss (SLF is always cross-entropy)
     beta: float = spec(6.0, lo=0.0)
+    # TRADES' inner maximisation starts uniformly in the eps-ball (the authors' foolbox
+    # LinfPGDKLDiv) or at x + 0.001 * N(0, 1) (the TRADES code)
+    trades_start: Literal["uniform", "normal"] = "uniform"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=10))
+    val_images: int = spec(1000, lo=0, doc="training images held out for per-epoch validation and the "
+                                           "best-epoch classifier (class-balanced, fixed by seed; 0 = off)")
 
 
 @dataclass(frozen=True)

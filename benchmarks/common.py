@@ -33,7 +33,7 @@ class PILGaussianBlur:
 
 def pil_pipeline():
     """The MoCo/SimCLR CIFAR transform, image by image on PIL images; the blur is PIL's
-    own full-support GaussianBlur (spec section 5), not torchvision's 3-tap GaussianBlur."""
+    own full-support GaussianBlur (docs/pretrain.md), not torchvision's 3-tap GaussianBlur."""
     import torchvision.transforms as T
 
     return T.Compose([

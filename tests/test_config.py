@@ -65,11 +65,27 @@ def test_config_is_frozen():
         cfg.queue_size = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("preset", ["demo", "tiny", "quick"])
+@pytest.mark.parametrize("preset", ["demo", "tiny", "quick", "authors-table"])
 def test_presets_validate(preset, tmp_path):
     out = tmp_path / "p.yaml"
     assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", preset, "--out", str(out)]) == 0
     assert isinstance(config.load(out), config.Config)
+
+
+def test_defaults_follow_the_authors_recipe_and_the_table_preset_their_early_table(tmp_path):
+    """params.yaml: the authors' later TRADES recipe, their enqueue order, blur and TRADES
+    start; `authors-table`: the PGD-AT protocol behind their early table."""
+    cfg = config.load(REPO / "params.yaml")
+    assert cfg.pretrain.enqueue_order == "authors" and cfg.pretrain.augment.blur_kernel == 0
+    assert cfg.probe.loss == cfg.finetune.loss == "trades" and cfg.finetune.trades_start == "uniform"
+    assert (cfg.finetune.epochs, cfg.finetune.milestones) == (100, [40, 60])
+    out = tmp_path / "table.yaml"
+    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "authors-table", "--out", str(out)]) == 0
+    table = config.load(out)
+    assert table.probe.loss == table.finetune.loss == "pgd_at"
+    assert (table.probe.epochs, table.probe.milestones) == (25, [15, 20])
+    assert (table.finetune.epochs, table.finetune.milestones) == (40, [30, 35])
+    assert table.evaluate.pgd.step_ratio == pytest.approx(0.1) and table.pretrain == cfg.pretrain
 
 
 @pytest.mark.parametrize("number,args,expected", _rows(), ids=[r[0] for r in _rows()])

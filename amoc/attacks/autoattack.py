@@ -1,9 +1,11 @@
 """Standard AutoAttack (L-inf), configured as the original.
 
-torchattacks' "standard" ensemble (APGD-CE, APGD-T, FAB-T, Square 5000 queries) with the
-iteration counts of the original AutoAttack: torchattacks 3.3.0 builds its sub-attacks with
-10 iterations instead of the paper's 100 (Harry24k/adversarial-attacks-pytorch#196), which
-`build_autoattack` restores (AUTOATTACK_STEPS).
+torchattacks' "standard" ensemble (APGD-CE, APGD-T, FAB-T, Square 5000 queries) with two
+settings of the original AutoAttack that torchattacks 3.3.0 does not use, which
+`build_autoattack` restores: 100 iterations for APGD-CE, APGD-T and FAB-T (torchattacks
+builds them with 10; Harry24k/adversarial-attacks-pytorch#196), and Square's fixed
+schedule of the patch size (the original runs it with `resc_schedule=False`; torchattacks'
+default True rescales the schedule to the query budget).
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from amoc.runtime import Runtime
 
 AUTOATTACK_STEPS = 100        # APGD-CE, APGD-T and FAB-T iterations of standard AutoAttack
 AUTOATTACK_QUERIES = 5000     # Square
+SQUARE_RESCALE_SCHEDULE = False  # as the original standard AutoAttack
 
 
 def build_autoattack(model: nn.Module, eps: float, num_classes: int, seed: int, steps: int | None = None):
     """torchattacks' standard AutoAttack with `steps` (default AUTOATTACK_STEPS) iterations
-    for APGD-CE, APGD-T and FAB-T and AUTOATTACK_QUERIES for Square."""
+    for APGD-CE, APGD-T and FAB-T, and AUTOATTACK_QUERIES for Square with the original's
+    fixed schedule (SQUARE_RESCALE_SCHEDULE)."""
     import torchattacks
 
     steps = AUTOATTACK_STEPS if steps is None else steps
@@ -30,6 +34,7 @@ def build_autoattack(model: nn.Module, eps: float, num_classes: int, seed: int, 
             sub.steps = steps
         if hasattr(sub, "n_queries"):
             sub.n_queries = AUTOATTACK_QUERIES
+            sub.rescale_schedule = SQUARE_RESCALE_SCHEDULE
     return aa
 
 

@@ -50,3 +50,22 @@ def channel_mean_std(x: np.ndarray, chunk: int = 2048) -> tuple[list[float], lis
         means.append(s / (n * 255))
         stds.append(((q * n - s * s) / (n * n * 255 * 255)) ** 0.5)  # exact integer variance
     return means, stds
+
+
+def validation_split(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices), both sorted: `n_val` images held out of a
+    training split, class-balanced (n_val // classes per class, one more for the first
+    n_val % classes classes), chosen by `seed` alone, so every stage that carves the split
+    gets the same one. ValueError when a class would give up all its images."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = np.full(len(classes), n_val // len(classes))
+    share[: n_val % len(classes)] += 1
+    if (share >= counts).any():
+        c = int(classes[np.argmax(share >= counts)])
+        raise ValueError(f"{n_val} validation images need {int(share.max())} of class {c}, which has only "
+                         f"{int(counts[classes == c][0])} training images")
+    rng = np.random.default_rng(seed)
+    val_idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k]
+                                      for c, k in zip(classes, share, strict=True)]))
+    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx

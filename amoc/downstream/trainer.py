@@ -37,10 +37,12 @@ from amoc.data.prepared import load_split, load_stats
 from amoc.distributed import Dist, Shard
 from amoc.distributed.bn import synchronise_bn
 from amoc.downstream.augment import crop_flip
+from amoc.attacks.accuracy import correct, percent
 from amoc.attacks.ce import ce_pgd
-from amoc.downstream.losses import trades_attack, trades_loss
+from amoc.downstream.losses import TradesStart, trades_attack, trades_loss
 from amoc.nets.classifier import Classifier, save_classifier
-from amoc.errors import DataError
+from amoc.data.splits import validation_split
+from amoc.errors import ConfigError, DataError
 from amoc.runtime import Runtime, eval_mode
 from amoc.schedule import multistep, scaled_lr, set_lr
 from amoc.version import __version__
@@ -48,7 +50,8 @@ from amoc.stopping import check_finite, check_finite_params
 from amoc.training.loop import Job, Loop
 
 LossName = Literal["ce", "trades", "pgd_at"]
-LOG_COLUMNS = ("epoch", "loss", "train_acc", "train_adv_acc", "lr", "seconds", "images_per_s")
+LOG_COLUMNS = ("epoch", "loss", "train_acc", "train_adv_acc", "val_acc", "val_pgd_acc", "lr", "seconds",
+               "images_per_s")
 FINITE_EVERY = 10  # steps between NaN checks (each costs one host sync)
 
 
@@ -64,7 +67,9 @@ class TrainSpec:
     milestones: tuple[int, ...]
     lr_gamma: float
     beta: float
+    trades_start: TradesStart
     attack: AttackConfig
+    val_images: int
     section: str = "finetune"  # the params section, for error messages ("probe.batch_size")
 
     @classmethod
@@ -76,7 +81,8 @@ class TrainSpec:
         return cls(loss=loss, epochs=section.epochs, batch_size=section.batch_size, lr=lr,
                    momentum=section.momentum, weight_decay=weight_decay,
                    milestones=tuple(section.milestones), lr_gamma=section.lr_gamma, beta=section.beta,
-                   attack=section.attack, section=name)
+                   trades_start=section.trades_start, attack=section.attack,
+                   val_images=section.val_images, section=name)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -113,7 +119,7 @@ def loss_step(model: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tenso
         return F.cross_entropy(logits.float(), y), logits, None
     with eval_mode(model), rt.autocast():  # attacks use running BN statistics
         if spec.loss == "trades":
-            x_adv = trades_attack(model, x, spec.attack, generator, shard=shard)
+            x_adv = trades_attack(model, x, spec.attack, generator, shard=shard, start=spec.trades_start)
         else:
             x_adv = ce_pgd(model, x, y, spec.attack, generator, shard=shard)
     with rt.autocast():
@@ -144,7 +150,7 @@ class ClassifierTraining(Job):
 
     def __init__(self, model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor,
                  rt: Runtime, out: str | os.PathLike, *, seed: int, fingerprint: str, train_mode: bool, desc: str,
-                 dist: Dist = Dist(), bn: str = "sync") -> None:
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, dist: Dist = Dist(), bn: str = "sync") -> None:
         self.model, self.trainable, self.spec, self.rt, self.dist = model, trainable, spec, rt, dist
         self.out, self.desc, self.train_mode = Path(out), desc, train_mode
         self.epochs, self.batch_size, self.batch_key = spec.epochs, spec.batch_size, f"{spec.section}.batch_size"
@@ -160,6 +166,8 @@ class ClassifierTraining(Job):
         self.perm: torch.Tensor | None = None  # the epoch's permutation, drawn when the epoch starts
         self.partial: dict[str, Any] | None = None  # a resumed epoch's totals so far
         self.lr = 0.0
+        self.seed, self.val = seed, val  # held-out (uint8 images, labels), or None
+        self.best: dict[str, Any] | None = None  # the best epoch on `val` so far: epoch, score, state
         model.train(train_mode)
         # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
         self.forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
@@ -174,7 +182,8 @@ class ClassifierTraining(Job):
                 "train_acc": float(last["train_acc"]),
                 "train_adv_acc": None if last["train_adv_acc"] is None else float(last["train_adv_acc"]),
                 "seconds": round(total, 3), "images_per_s": round(len(self.rows) * self.n / max(total, 1e-9), 1),
-                "n_train": self.n, "loss_fn": self.spec.loss, "spec": dataclasses.asdict(self.spec)}
+                "n_train": self.n, "n_val": 0 if self.val is None else len(self.val[1]),
+                "loss_fn": self.spec.loss, "spec": dataclasses.asdict(self.spec)}
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -187,13 +196,15 @@ class ClassifierTraining(Job):
                        "adv_correct": int(self.dist.sum(self.adv_correct)), "seen": self.seen}
         return {"model": {k: v.detach().cpu() for k, v in self.trainable.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.generator),
-                "perm": self.perm.cpu() if mid_epoch else None, "partial": partial, "rows": self.rows}
+                "perm": self.perm.cpu() if mid_epoch else None, "partial": partial, "rows": self.rows,
+                "best": self.best}
 
     def load_state(self, blob: dict[str, Any]) -> None:
         self.trainable.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         set_rng_state(blob["rng"], self.generator)
         self.rows = list(blob["rows"])
+        self.best = blob.get("best")
         if blob["step"]:
             self.perm, self.partial = blob["perm"].to(self.rt.device), blob["partial"]
 
@@ -251,10 +262,13 @@ class ClassifierTraining(Job):
         seen = self.seen
         clean_acc = 100 * int(correct) / seen if spec.loss != "pgd_at" else None
         adv_acc = 100 * int(adv_correct) / seen if spec.loss != "ce" else None
+        val_acc, val_pgd_acc = self.validate(epoch) if self.val is not None and dist.main else (None, None)
         row = {"epoch": epoch + 1, "loss": f"{loss_sum.item() / seen:.6f}",
                # train_acc: on the examples the loss is about (adversarial ones for PGD-AT)
                "train_acc": f"{clean_acc if clean_acc is not None else adv_acc:.4f}",
                "train_adv_acc": None if adv_acc is None else f"{adv_acc:.4f}",
+               "val_acc": None if val_acc is None else f"{val_acc:.4f}",
+               "val_pgd_acc": None if val_pgd_acc is None else f"{val_pgd_acc:.4f}",
                "lr": f"{self.lr:.6g}", "seconds": f"{seconds:.3f}", "images_per_s": f"{seen / max(seconds, 1e-9):.1f}"}
         self.rows.append(row)
         self.perm, self.partial = None, None
@@ -262,8 +276,34 @@ class ClassifierTraining(Job):
             _write_log(self.out / "log.csv", self.rows)
             print(f"{self.desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc {float(row['train_acc']):.2f}%"
                   + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
+                  + (f", val {val_acc:.2f}% / PGD {val_pgd_acc:.2f}%" if val_acc is not None else "")
                   + f", lr {self.lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s", flush=True)
         return True  # a checkpoint after every epoch
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def selected_by(self) -> str:
+        """What picks the best epoch: clean accuracy for SLF, PGD accuracy for the robust heads."""
+        return "val_acc" if self.spec.loss == "ce" else "val_pgd_acc"
+
+    def validate(self, epoch: int) -> tuple[float, float]:
+        """Clean and PGD accuracy (%) on the held-out images, in eval mode and fp32, after
+        `epoch`; keeps the best epoch's weights. PGD is the training attack on the cross-
+        entropy, robust = correct clean and attacked, its random start drawn from the same
+        seed every epoch, so that epochs are compared on the same numbers."""
+        xv, yv = self.val
+        model, rt, bs = self.model, self.rt, self.spec.batch_size
+        generator = rt.generator(self.seed)
+        with eval_mode(model):
+            clean = correct(model, xv, yv, rt, bs)
+            robust = clean & correct(model, xv, yv, rt, bs, lambda xb, yb: ce_pgd(model, xb, yb, self.spec.attack,
+                                                                                  generator))
+        val_acc, val_pgd_acc = percent(clean), percent(robust)
+        score = val_acc if self.selected_by == "val_acc" else val_pgd_acc
+        if self.best is None or score > self.best["score"]:  # ties keep the earlier epoch
+            self.best = {"epoch": epoch + 1, "score": score, "val_acc": val_acc, "val_pgd_acc": val_pgd_acc,
+                         "state": {k: v.detach().cpu().clone() for k, v in self.trainable.state_dict().items()}}
+        return val_acc, val_pgd_acc
 
 
 def load_train_data(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -282,28 +322,53 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
                      data: str | os.PathLike, train: tuple[torch.Tensor, torch.Tensor], out: str | os.PathLike,
                      resume: bool, train_mode: bool, desc: str, provenance: dict[str, Any],
                      dist: Dist = Dist()) -> dict[str, Any]:
-    """The common tail of `amoc probe` / `amoc finetune`: fit on `train` (from `data`), then
-    write classifier.pt and metrics.json. `provenance` identifies the starting point and
-    enters the resume fingerprint."""
+    """The common tail of `amoc probe` / `amoc finetune`: hold out `spec.val_images`
+    training images, fit on the rest of `train` (from `data`), then write classifier.pt
+    (the last epoch), classifier_best.pt (the best epoch on the held-out images; the last
+    epoch when validation is off) and metrics.json. `provenance` identifies the starting
+    point and enters the resume fingerprint."""
     out = Path(out)
     x, y = train
+    train_idx, val_idx = _carve_validation(y, spec, cfg.seed)
+    val = (x[val_idx], y[val_idx]) if len(val_idx) else None
     data_digest = file_digest(Path(data) / "train.npz")
     # what the run computes (not where or how fast): a resume must match all of it
     fp = fingerprint(provenance, dataclasses.asdict(spec), cfg.seed, data_digest, model.bn_branch,
                      model.num_classes, str(rt.amp_dtype), cfg.distributed.bn)
-    summary = ClassifierTraining(model, trainable, spec, x, y, rt, out, seed=cfg.seed, fingerprint=fp,
-                                 train_mode=train_mode, desc=desc, dist=dist, bn=cfg.distributed.bn).run(resume)
+    job = ClassifierTraining(model, trainable, spec, x[train_idx], y[train_idx], rt, out, seed=cfg.seed,
+                             fingerprint=fp, train_mode=train_mode, desc=desc, val=val, dist=dist,
+                             bn=cfg.distributed.bn)
+    summary = job.run(resume)
     if not dist.main:  # rank 0 writes the outputs
         return summary
+    best = job.best
+    selection = {"selected_by": job.selected_by if best else "none (validation off): the last epoch",
+                 "best_epoch": best["epoch"] if best else summary["epochs"],
+                 "best_val_acc": best["val_acc"] if best else None,
+                 "best_val_pgd_acc": best["val_pgd_acc"] if best else None}
     prov = {**provenance, "data": str(data), "data_sha256": data_digest, "seed": cfg.seed,
             # wall-clock figures stay out of the weights file: identical runs, identical bytes
             "train": {k: v for k, v in summary.items() if k not in ("spec", "seconds", "images_per_s")},
             "spec": summary["spec"],
             "amoc_version": __version__, "torch_version": str(torch.__version__)}
-    save_classifier(out / "classifier.pt", model, prov)
-    metrics = {**{k: v for k, v in summary.items() if k != "spec"}, **provenance, "bn_branch": model.bn_branch,
-               "seed": cfg.seed}
+    save_classifier(out / "classifier.pt", model, {**prov, "checkpoint": "last", "epoch": summary["epochs"]})
+    if best:
+        trainable.load_state_dict(best["state"])
+    save_classifier(out / "classifier_best.pt", model, {**prov, "checkpoint": "best", "epoch": selection["best_epoch"],
+                                                        **selection})
+    metrics = {**{k: v for k, v in summary.items() if k != "spec"}, **selection, **provenance,
+               "bn_branch": model.bn_branch, "seed": cfg.seed}
     io.write_json(out / "metrics.json", metrics)
     print(f"{desc}: wrote {out / 'classifier.pt'} (final train loss {summary['train_loss']:.4f}, "
-          f"train acc {summary['train_acc']:.2f}%)")
+          f"train acc {summary['train_acc']:.2f}%) and classifier_best.pt (epoch {selection['best_epoch']}"
+          + (f", {job.selected_by} {best['score']:.2f}%)" if best else ", validation off)"))
     return metrics
+
+
+def _carve_validation(y: torch.Tensor, spec: TrainSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of the training split: spec.val_images held out."""
+    try:
+        train_idx, val_idx = validation_split(y.numpy(), spec.val_images, seed)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.section}.val_images: {exc}; lower it (0 turns validation off)") from None
+    return torch.from_numpy(train_idx), torch.from_numpy(val_idx)

@@ -62,13 +62,52 @@ def _attack_settings(a: AttackConfig, n: int) -> dict[str, Any]:
             "restarts": 1, "objective": "cross-entropy", "implementation": "amoc.attacks.pgd_linf", "n_images": n}
 
 
+def _load(path: str | Path, rt: Runtime) -> tuple[Classifier, dict[str, Any]]:
+    model, provenance = read_classifier(path)
+    return rt.prepare(model).eval().requires_grad_(False), provenance  # FAB calls .backward(): no weight grads
+
+
+def _same_weights(a: Classifier, b: Classifier) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def attack_accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, rt: Runtime, cfg: Config, num_classes: int,
+                    aa_n: int, label: str) -> dict[str, Any]:
+    """Clean, PGD and AutoAttack (on the first aa_n images) correctness of one classifier,
+    with timings; robust = correct clean and attacked."""
+    e, bs, n = cfg.evaluate, cfg.evaluate.batch_size, len(x)
+    clean = correct(model, x, y, rt, bs)
+    pgd, pgd_s = _timed(rt.device, lambda: pgd_correct(model, x, y, rt, bs, e.pgd, cfg.seed) & clean)
+    print(f"{label}: PGD-{e.pgd.steps} (eps {e.pgd.eps * 255:g}/255): {n} images in {pgd_s:.1f} s = "
+          f"{n / pgd_s:.1f} images/s")
+    aa, aa_s, aa_worst = None, None, None
+    if e.autoattack:
+        (aa, aa_worst), aa_s = _timed(rt.device, lambda: autoattack.autoattack_correct(
+            model, x[:aa_n], y[:aa_n], rt, bs, e.pgd.eps, num_classes, cfg.seed))
+        aa = aa & clean[:aa_n]
+        print(f"{label}: AutoAttack (standard, Linf eps {e.pgd.eps * 255:g}/255): {aa_n} images in {aa_s:.1f} s "
+              f"= {aa_n / aa_s:.2f} images/s")
+        if aa_worst > e.pgd.eps + 1e-5:
+            print(f"warning: AutoAttack returned a perturbation of {aa_worst * 255:.3f}/255 > eps", flush=True)
+    return {"clean": clean, "pgd": pgd, "aa": aa, "pgd_s": pgd_s, "aa_s": aa_s, "aa_worst": aa_worst}
+
+
+def _summary(r: dict[str, Any], aa_n: int) -> dict[str, Any]:
+    aa = None if r["aa"] is None else _pct(r["aa"])
+    return {"clean_acc": _pct(r["clean"]), "pgd_acc": _pct(r["pgd"]), "autoattack_acc": aa,
+            # the three numbers on the AutoAttack images, for a like-for-like comparison
+            "subset": {"n_images": aa_n, "clean_acc": _pct(r["clean"][:aa_n]), "pgd_acc": _pct(r["pgd"][:aa_n]),
+                       "autoattack_acc": aa}}
+
+
 def run(cfg: Config, args: argparse.Namespace) -> int:
     e = cfg.evaluate
     out = Path(args.out)
     with RunLock(out), oom_hint("evaluate", "evaluate.batch_size", e.batch_size):
         rt = setup(cfg.runtime, cfg.seed)
-        model, provenance = read_classifier(args.model)
-        model = rt.prepare(model).eval().requires_grad_(False)  # FAB calls .backward(): no weight grads
+        model, provenance = _load(args.model, rt)
+        best_path = Path(args.model).with_name("classifier_best.pt")
         x, y = load_split(args.data, "test")
         num_classes = int(load_stats(args.data).get("num_classes", model.num_classes))
         if num_classes != model.num_classes:
@@ -79,22 +118,18 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             raise DataError(f"{args.data}: the test split is empty; nothing to evaluate")
         x, y = x[:n], y[:n]
         bs = e.batch_size
-
-        clean = correct(model, x, y, rt, bs)
-        pgd, pgd_s = _timed(rt.device, lambda: pgd_correct(model, x, y, rt, bs, e.pgd, cfg.seed) & clean)
-        print(f"PGD-{e.pgd.steps} (eps {e.pgd.eps * 255:g}/255): {n} images in {pgd_s:.1f} s = {n / pgd_s:.1f} images/s")
-
         aa_n = min(e.autoattack_images or n, n)
-        aa, aa_s, aa_worst = None, None, None
-        if e.autoattack:
-            (aa, aa_worst), aa_s = _timed(rt.device, lambda: autoattack.autoattack_correct(
-                model, x[:aa_n], y[:aa_n], rt, bs, e.pgd.eps, num_classes, cfg.seed))
-            aa = aa & clean[:aa_n]
-            print(f"AutoAttack (standard, Linf eps {e.pgd.eps * 255:g}/255): {aa_n} images in {aa_s:.1f} s "
-                  f"= {aa_n / aa_s:.2f} images/s")
-            if aa_worst > e.pgd.eps + 1e-5:
-                print(f"warning: AutoAttack returned a perturbation of {aa_worst * 255:.3f}/255 > eps", flush=True)
 
+        last = attack_accuracy(model, x, y, rt, cfg, num_classes, aa_n, "last epoch")
+        best = None
+        if best_path.is_file() and Path(args.model).name != best_path.name:
+            best_model, best_prov = _load(best_path, rt)
+            same = _same_weights(model, best_model)
+            scores = last if same else attack_accuracy(best_model, x, y, rt, cfg, num_classes, aa_n, "best epoch")
+            best = {"model": str(best_path), "epoch": best_prov.get("epoch"), "selected_by": best_prov.get("selected_by"),
+                    "same_as_last": same, **_summary(scores, aa_n)}
+
+        clean, pgd = last["clean"], last["pgd"]
         curve_rows = []
         for eps_255 in e.curve_eps:
             attack = AttackConfig(eps=eps_255 / 255, step_ratio=e.pgd.step_ratio, steps=e.pgd.steps,
@@ -107,12 +142,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                 ok = pgd_correct(model, x, y, rt, bs, attack, cfg.seed) & clean
             curve_rows.append({"eps_255": eps_255, "eps": attack.eps, "accuracy": _pct(ok), "n_images": n})
 
+        aa_s, aa_worst = last["aa_s"], last["aa_worst"]
         result = {
-            "clean_acc": _pct(clean), "pgd_acc": _pct(pgd), "autoattack_acc": None if aa is None else _pct(aa),
-            "n_images": n,
-            # the three numbers on the AutoAttack images, for a like-for-like comparison
-            "subset": {"n_images": aa_n, "clean_acc": _pct(clean[:aa_n]), "pgd_acc": _pct(pgd[:aa_n]),
-                       "autoattack_acc": None if aa is None else _pct(aa)},
+            **_summary(last, aa_n), "n_images": n, "epoch": provenance.get("epoch"),
+            "best": best,
             "settings": {
                 "model": str(args.model), "data": str(args.data), "seed": cfg.seed,
                 "trained_by": {k: provenance.get(k) for k in ("stage", "mode", "init")},
@@ -122,22 +155,29 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                 "pgd": _attack_settings(e.pgd, n),
                 "autoattack": {"enabled": e.autoattack, "version": "standard", "norm": "Linf", "eps": e.pgd.eps,
                                "eps_255": round(e.pgd.eps * 255, 4), "n_images": aa_n if e.autoattack else 0,
-                               "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "iterations": autoattack.AUTOATTACK_STEPS,
-                               "square_queries": autoattack.AUTOATTACK_QUERIES, "n_target_classes": num_classes - 1,
+                               "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                               "iterations": autoattack.AUTOATTACK_STEPS,
+                               "square_queries": autoattack.AUTOATTACK_QUERIES,
+                               "square_rescale_schedule": autoattack.SQUARE_RESCALE_SCHEDULE,
+                               "n_target_classes": num_classes - 1,
                                "library": f"torchattacks {autoattack.torchattacks_version()}", "seed": cfg.seed,
                                "max_perturbation_255": None if aa_worst is None else round(aa_worst * 255, 4)},
                 "curve": {"eps_255": list(e.curve_eps), "step_ratio": e.pgd.step_ratio, "steps": e.pgd.steps,
                           "random_start": e.pgd.random_start, "n_images": n},
             },
-            "throughput": {"pgd_seconds": round(pgd_s, 3), "pgd_images_per_s": round(n / pgd_s, 2),
+            "throughput": {"pgd_seconds": round(last["pgd_s"], 3), "pgd_images_per_s": round(n / last["pgd_s"], 2),
                            "autoattack_seconds": None if aa_s is None else round(aa_s, 3),
                            "autoattack_images_per_s": None if aa_s is None else round(aa_n / aa_s, 3)},
         }
         lines = [",".join(CURVE_COLUMNS)] + [",".join(str(r[c]) for c in CURVE_COLUMNS) for r in curve_rows]
         write_text(out / "curve.csv", "\n".join(lines) + "\n")
         write_json(out / "eval.json", result)
-        aa_txt = "off" if aa is None else f"{result['autoattack_acc']:.2f}% ({aa_n} images)"
+        aa_txt = "off" if result["autoattack_acc"] is None else f"{result['autoattack_acc']:.2f}% ({aa_n} images)"
         print(f"{args.model}: clean {result['clean_acc']:.2f}%, PGD-{e.pgd.steps} {result['pgd_acc']:.2f}% "
               f"({n} images), AutoAttack {aa_txt} -> {out / 'eval.json'}")
+        if best is not None:
+            print(f"{best_path} (epoch {best['epoch']}, {best['selected_by']}): clean {best['clean_acc']:.2f}%, "
+                  f"PGD-{e.pgd.steps} {best['pgd_acc']:.2f}%, AutoAttack "
+                  + ("off" if best["autoattack_acc"] is None else f"{best['autoattack_acc']:.2f}%")
+                  + (" (the same weights as the last epoch)" if best["same_as_last"] else ""))
     return 0
-

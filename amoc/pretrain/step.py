@@ -46,7 +46,7 @@ class TrainStep:
     """
 
     def __init__(self, model: MoCo, variant: Variant, optimizer: torch.optim.Optimizer, attack: ContrastiveAttack,
-                 *, leverage: float, enqueue_order: EnqueueOrder = "moco",
+                 *, leverage: float, enqueue_order: EnqueueOrder = "authors",
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  query_pass: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
                  keys: Callable[..., torch.Tensor] | None = None,

@@ -128,8 +128,18 @@ def collect_models(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
         if curve is not None and not {"eps_255", "accuracy"} <= set(curve.columns):
             notes.append(f"`{folder / 'curve.csv'}` lacks eps_255/accuracy columns; curve skipped.")
             curve = None
-        found.append({"name": name, "label": _model_label(name, train), "short": _model_label(name, train, True),
+        label, short = _model_label(name, train), _model_label(name, train, True)
+        best = ev.get("best") if isinstance(ev.get("best"), dict) else None
+        if best and best.get("same_as_last"):
+            label += f" (last epoch {ev.get('epoch')} = best on validation)"
+        elif best:
+            label += f" (last epoch {ev.get('epoch')})"
+        found.append({"name": name, "label": label, "short": short,
                       "eval": ev, "curve": curve, **{key: _num(ev.get(key)) for key, _ in METRICS}})
+        if best and not best.get("same_as_last"):  # the best-on-validation classifier, side by side
+            found.append({"name": f"{name}/best", "label": f"{_model_label(name, train)} (best on validation, epoch "
+                          f"{best.get('epoch')}, {best.get('selected_by')})", "short": f"{short} best",
+                          "eval": ev, "curve": None, **{key: _num(best.get(key)) for key, _ in METRICS}})
     return found
 
 
@@ -310,7 +320,7 @@ def build_report(runs: Path, out: Path) -> tuple[str, str, list[Path]]:
     if models:
         md += ["Robust accuracy counts an image only if it is classified correctly both clean and under attack. "
                "N = number of test images behind each number.", ""]
-        md += [f"- {m['label']}: {_settings_text(m['eval'])}" for m in models] + [""]
+        md += [f"- {m['label']}: {_settings_text(m['eval'])}" for m in models if not m['name'].endswith('/best')] + [""]
     md += ["## Pre-training", "", pretrain_table(pretrain) if pretrain else "_No pre-training run found._", ""]
     if beyond.strip():
         md += [beyond.strip(), ""]

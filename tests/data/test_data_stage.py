@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from amoc.data import stage
 from amoc.data.prepared import load_split, load_stats
@@ -78,3 +79,19 @@ def test_channel_mean_std_exact():
     assert np.allclose(mean, flat.mean(axis=1), rtol=0, atol=1e-12)
     assert np.allclose(std, flat.std(axis=1), rtol=0, atol=1e-12)
     assert channel_mean_std(np.full((2, 3, 4, 4), 255, np.uint8)) == ([1.0] * 3, [0.0] * 3)
+
+
+def test_validation_split_is_balanced_disjoint_and_fixed_by_the_seed():
+    from amoc.data.splits import validation_split
+
+    labels = np.repeat(np.arange(10), [60, 50, 55, 52, 51, 58, 59, 50, 53, 62])
+    np.random.default_rng(0).shuffle(labels)
+    train, val = validation_split(labels, 103, seed=1)
+    assert len(val) == 103 and len(train) + len(val) == len(labels)
+    assert not set(train) & set(val) and list(val) == sorted(val)
+    assert np.bincount(labels[val]).tolist() == [11, 11, 11] + [10] * 7
+    again, other = validation_split(labels, 103, seed=1)[1], validation_split(labels, 103, seed=2)[1]
+    assert np.array_equal(val, again) and not np.array_equal(val, other)
+    assert len(validation_split(labels, 0, seed=1)[1]) == 0
+    with pytest.raises(ValueError, match="class"):
+        validation_split(labels, 500, seed=1)  # 50 of every class: class 1 has only 50

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
+from amoc.attacks.ce import ce_pgd
 from amoc.attacks.pgd import pgd_linf
 from amoc.config import AttackConfig
 from amoc.downstream.augment import crop_flip
@@ -77,11 +78,15 @@ def test_crop_flip_identity_and_pure_flip():
     assert torch.equal(crop_flip(x, g, pad=0, flip_p=1.0), x.flip(3).float() / 255)
 
 
-def test_crop_flip_outputs_are_padded_crops_drawn_per_sample():
-    x = torch.randint(1, 256, (16, 3, 8, 8), dtype=torch.uint8)  # no zeros: padding is recognisable
+def test_crop_flip_outputs_are_reflect_padded_crops_drawn_per_sample():
+    """Crops of the image padded as the authors pad it: torchvision's Pad(4, reflect)."""
+    from torchvision.transforms import v2
+
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     out = crop_flip(x, torch.Generator().manual_seed(3), pad=4)
     assert out.dtype == torch.float32 and out.shape == x.shape
-    padded = F.pad(x, (4, 4, 4, 4)).float() / 255
+    padded = v2.Pad(4, padding_mode="reflect")(x).float() / 255
+    assert not torch.equal(padded, F.pad(x, (4, 4, 4, 4)).float() / 255)
     found = set()
     for i in range(len(x)):
         matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
@@ -91,3 +96,23 @@ def test_crop_flip_outputs_are_padded_crops_drawn_per_sample():
     assert len(found) > 4  # offsets and flips differ between samples
     again = crop_flip(x, torch.Generator().manual_seed(3), pad=4)
     assert torch.equal(out, again)  # seeded
+
+
+@pytest.mark.parametrize("start", ["uniform", "normal"])
+def test_trades_start(model, monkeypatch, start):
+    """uniform (the authors' foolbox LinfPGDKLDiv): the first iterate spreads over the
+    eps-ball; normal (the TRADES code): x + 0.001 * N(0, 1)."""
+    import amoc.downstream.losses as losses
+
+    seen = {}
+    real = losses.pgd_linf
+    monkeypatch.setattr(losses, "pgd_linf", lambda x, objective, **kw: seen.update(kw) or real(x, objective, **kw))
+    x, _ = batch(64)
+    attack = AttackConfig(eps=8 / 255, step_ratio=0.25, steps=1)
+    trades_attack(model, x, attack, torch.Generator().manual_seed(0), start=start)
+    delta = seen["start"] - x
+    if start == "uniform":
+        assert delta.abs().max() <= attack.eps + 1e-7
+        assert delta.std().item() == pytest.approx(attack.eps / 3**0.5, rel=0.05)  # U(-eps, eps)
+    else:
+        assert delta.std().item() == pytest.approx(0.001, rel=0.05)

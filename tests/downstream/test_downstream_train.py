@@ -157,3 +157,34 @@ def test_resume_ignores_a_checkpoint_of_another_config(setup, capsys):
     assert "starting from the beginning" in captured.err and "resuming" not in captured.out
     assert "probe alf epoch 1/2" in captured.out
     assert not old & set((out / "checkpoints").iterdir())  # the stale config's files are gone
+
+
+def test_validation_split_logs_each_epoch_and_keeps_the_best_epoch(setup, monkeypatch):
+    """val_images held out of training: per-epoch clean and PGD accuracy in log.csv, and
+    classifier_best.pt holds the epoch with the best validation PGD accuracy (TRADES)."""
+    out = setup["root"] / "finetune-val"
+    assert run_stage("finetune", setup["params"], "--init", str(setup["encoder"]), "--data", str(setup["data"]),
+                     "--out", str(out), **{"finetune.epochs": 3, "finetune.val_images": 32}) == 0
+    rows = read_log(out / "log.csv")
+    val = [float(r["val_pgd_acc"]) for r in rows]
+    assert all(r["val_acc"] != "" for r in rows) and all(0 <= v <= float(r["val_acc"]) for v, r in zip(val, rows))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 128 - 32 and metrics["n_val"] == 32  # held out, not trained on
+    best_epoch = val.index(max(val)) + 1  # the first epoch with the highest validation PGD accuracy
+    assert metrics["best_epoch"] == best_epoch and metrics["selected_by"] == "val_pgd_acc"
+    assert metrics["best_val_pgd_acc"] == pytest.approx(max(val), abs=1e-4)
+    last, last_prov = read_classifier(out / "classifier.pt")
+    best, best_prov = read_classifier(out / "classifier_best.pt")
+    assert last_prov["checkpoint"] == "last" and last_prov["epoch"] == 3
+    assert best_prov["checkpoint"] == "best" and best_prov["epoch"] == best_epoch
+    same = all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), best.state_dict().values()))
+    assert same == (best_epoch == 3)
+
+
+def test_validation_off_writes_the_last_epoch_as_best(setup):
+    out = setup["root"] / "probe-noval"
+    assert run_stage("probe", setup["params"], "--mode", "slf", "--encoder", str(setup["encoder"]),
+                     "--data", str(setup["data"]), "--out", str(out)) == 0
+    assert all(r["val_acc"] == "" for r in read_log(out / "log.csv"))
+    _, prov = read_classifier(out / "classifier_best.pt")
+    assert prov["epoch"] == 2 and prov["selected_by"].startswith("none")

@@ -60,6 +60,7 @@ def test_autoattack_uses_the_official_iteration_counts(robust):
     assert set(subs) == {"APGD", "APGDT", "FAB", "Square"}
     assert subs["APGD"].steps == subs["APGDT"].steps == subs["FAB"].steps == 100
     assert subs["Square"].n_queries == 5000 and subs["FAB"].multi_targeted
+    assert subs["Square"].rescale_schedule is False  # the original's fixed schedule
     assert subs["APGDT"].n_target_classes == 3  # n_classes - 1
 
 
@@ -81,6 +82,7 @@ def test_evaluate_stage_writes_settings_counts_and_an_ordered_result(robust, tmp
     assert result["n_images"] == s["clean"]["n_images"] == s["pgd"]["n_images"] == 40
     assert s["autoattack"]["n_images"] == 40  # autoattack_images 0 = n_images
     assert s["autoattack"]["iterations"] == 10 and s["autoattack"]["square_queries"] == 300
+    assert s["autoattack"]["square_rescale_schedule"] is False
     assert s["pgd"]["steps"] == 20 and s["pgd"]["eps_255"] == pytest.approx(8) and s["pgd"]["step_255"] == pytest.approx(2)
     assert s["pgd"]["random_start"] is True and s["seed"] == 0 and s["model"] == str(robust["path"])
     assert s["autoattack"]["max_perturbation_255"] <= 8 + 1e-3 and s["bn_branch"] == "adv"
@@ -90,6 +92,35 @@ def test_evaluate_stage_writes_settings_counts_and_an_ordered_result(robust, tmp
     assert [float(r["eps_255"]) for r in rows] == [0, 4, 8] and all(r["n_images"] == "40" for r in rows)
     assert float(rows[0]["accuracy"]) == result["clean_acc"] and float(rows[2]["accuracy"]) == result["pgd_acc"]
     assert float(rows[2]["eps"]) == pytest.approx(8 / 255)
+
+
+def test_the_best_epoch_classifier_is_evaluated_beside_the_last(robust, tmp_path):
+    """classifier_best.pt next to the model: the same weights reuse the last epoch's numbers;
+    other weights are attacked on their own."""
+    import shutil
+
+    from amoc.nets.classifier import save_classifier
+
+    params = params_file(tmp_path)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(robust["path"], models / "classifier.pt")
+    shutil.copy(robust["path"].with_name("classifier_best.pt"), models / "classifier_best.pt")
+    sets = {"evaluate.n_images": 64, "evaluate.autoattack": False, "evaluate.batch_size": 64}
+    assert run_stage("evaluate", params, "--model", str(models / "classifier.pt"), "--data", str(robust["data"]),
+                     "--out", str(tmp_path / "same"), **sets) == 0
+    same = json.loads((tmp_path / "same" / "eval.json").read_text())
+    assert same["best"]["same_as_last"] is True
+    assert (same["best"]["clean_acc"], same["best"]["pgd_acc"]) == (same["clean_acc"], same["pgd_acc"])
+    other = load_classifier(robust["path"])
+    with torch.no_grad():
+        other.head.weight.mul_(-1)  # a much worse classifier
+    save_classifier(models / "classifier_best.pt", other, {"epoch": 2, "selected_by": "val_pgd_acc"})
+    assert run_stage("evaluate", params, "--model", str(models / "classifier.pt"), "--data", str(robust["data"]),
+                     "--out", str(tmp_path / "other"), **sets) == 0
+    result = json.loads((tmp_path / "other" / "eval.json").read_text())
+    assert result["best"]["same_as_last"] is False and result["best"]["epoch"] == 2
+    assert result["best"]["clean_acc"] < result["clean_acc"] and result["clean_acc"] == same["clean_acc"]
 
 
 def test_evaluate_is_deterministic_and_0_means_all_images(robust, tmp_path):

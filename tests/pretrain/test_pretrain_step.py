@@ -172,6 +172,27 @@ def test_enqueue_order(name):
         assert torch.allclose(getattr(results["moco"][1], buf).float(), getattr(results["authors"][1], buf).float(), atol=1e-6)
 
 
+def test_authors_order_puts_a_near_copy_of_each_adversarial_query_among_its_negatives(monkeypatch):
+    """ACA+ in the authors' order: the key net's embedding of each query's own adversarial
+    view enters queue_adv before L_adv reads it, so every adversarial query meets a near-copy
+    of itself (cosine ~1: the key net starts as a copy of the query net) among its
+    negatives. In MoCo's order the negatives are the queue before the step."""
+    import amoc.pretrain.step as step_module
+
+    best = {}
+    for order in ("authors", "moco"):
+        calls = []
+        monkeypatch.setattr(step_module, "info_nce", lambda q, k, queue, **kw: calls.append((q, queue.clone())) or info_nce(q, k, queue, **kw))
+        _, model, _, step, _, _ = make_step("ACA+", order=order)
+        x_q, x_k = views()
+        step(x_q, x_k, gen())
+        q_adv, negatives = calls[1]  # L_clean first, then L_adv (adversarial queries, queue_adv)
+        cosines = torch.nn.functional.normalize(q_adv.detach(), dim=1) @ torch.nn.functional.normalize(negatives, dim=0)
+        best[order] = cosines.max(dim=1).values  # B: each query's most similar negative
+    assert (best["authors"] > 0.999).all(), best["authors"]
+    assert (best["moco"] < 0.9).all(), best["moco"]
+
+
 # --------------------------------------------------------------------------- the attack
 def objective(model, v: Variant, x_q, x_k, x_q_adv, x_k_adv) -> float:
     """The variant's L_adv as the attack defines it (eval mode, adv BN for adversarial views)."""

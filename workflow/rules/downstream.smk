@@ -8,6 +8,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
         "runs/pretrain/encoder.pt",
     output:
         "runs/{mode}/classifier.pt",
+        "runs/{mode}/classifier_best.pt",
         "runs/{mode}/metrics.json",
         "runs/{mode}/log.csv",
     wildcard_constraints:
@@ -33,6 +34,7 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
         "runs/pretrain/encoder.pt",
     output:
         "runs/aff/classifier.pt",
+        "runs/aff/classifier_best.pt",
         "runs/aff/metrics.json",
         "runs/aff/log.csv",
     params:
@@ -55,6 +57,7 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
         "data/prepared",
     output:
         "runs/scratch/classifier.pt",
+        "runs/scratch/classifier_best.pt",
         "runs/scratch/metrics.json",
         "runs/scratch/log.csv",
     params:

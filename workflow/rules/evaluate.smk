@@ -2,6 +2,7 @@ rule evaluate:  # clean, PGD-20 and AutoAttack accuracy, plus accuracy against e
     input:
         "data/prepared",
         "runs/{model}/classifier.pt",
+        "runs/{model}/classifier_best.pt",  # evaluated too
     output:
         "runs/{model}/eval/eval.json",
         "runs/{model}/eval/curve.csv",
