@@ -32,7 +32,7 @@ def _download_args(p: argparse.ArgumentParser) -> None:
 @_stage("pretrain", "amoc.pretrain.stage:run", "AMOC pre-training of the query encoder (no labels)")
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", default="runs/pretrain", help="output folder: encoder.pt, checkpoints/, log.csv, metrics.json (default: %(default)s)")
+    p.add_argument("--out", default="runs/pretrain", help="output folder: encoder.pt, checkpoints/, log.csv, metrics.json, summary.json (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT/checkpoints if its config matches")
 
 
@@ -41,7 +41,7 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("slf", "alf"), required=True, help="slf: cross-entropy on clean images; alf: TRADES / PGD-AT")
     p.add_argument("--encoder", default="runs/pretrain/encoder.pt", help="encoder written by `amoc pretrain` (default: %(default)s)")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: classifier.pt, log.csv, metrics.json")
+    p.add_argument("--out", required=True, help="output folder: classifier.pt, classifier_best.pt, log.csv, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
 
 
@@ -49,7 +49,7 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="runs/pretrain/encoder.pt", help="encoder to start from, or 'scratch' for a random init (default: %(default)s)")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: classifier.pt, log.csv, metrics.json")
+    p.add_argument("--out", required=True, help="output folder: classifier.pt, classifier_best.pt, log.csv, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
 
 
@@ -57,7 +57,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="classifier.pt written by `amoc probe` or `amoc finetune`")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: eval.json, curve.csv (with --corruptions: corruptions.json, corruptions.csv)")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, eval.json, curve.csv (with --corruptions: metrics.json, corruptions.json, corruptions.csv, severity.csv)")
     p.add_argument("--corruptions", default=None, metavar="DIR",
                    help="instead of attacks, score accuracy on the corrupted test sets in DIR (written by `amoc corruptions`)")
 
@@ -73,7 +73,7 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default="runs", help="folder holding <model>/classifier.pt (default: %(default)s)")
     p.add_argument("--models", nargs="+", default=["slf", "alf", "aff", "scratch"], help="target models (default: %(default)s)")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", default="runs/transfer", help="output folder: transfer.json, transfer.csv (default: %(default)s)")
+    p.add_argument("--out", default="runs/transfer", help="output folder: metrics.json, transfer.json, transfer.csv (default: %(default)s)")
 
 
 @_stage("report", "amoc.report.stage:run", "collect every metrics file into a markdown table and seaborn figures")

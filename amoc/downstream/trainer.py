@@ -325,7 +325,7 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     """The common tail of `amoc probe` / `amoc finetune`: hold out `spec.val_images`
     training images, fit on the rest of `train` (from `data`), then write classifier.pt
     (the last epoch), classifier_best.pt (the best epoch on the held-out images; the last
-    epoch when validation is off) and metrics.json. `provenance` identifies the starting
+    epoch when validation is off) and summary.json. `provenance` identifies the starting
     point and enters the resume fingerprint."""
     out = Path(out)
     x, y = train
@@ -356,13 +356,13 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
         trainable.load_state_dict(best["state"])
     save_classifier(out / "classifier_best.pt", model, {**prov, "checkpoint": "best", "epoch": selection["best_epoch"],
                                                         **selection})
-    metrics = {**{k: v for k, v in summary.items() if k != "spec"}, **selection, **provenance,
-               "bn_branch": model.bn_branch, "seed": cfg.seed}
-    io.write_json(out / "metrics.json", metrics)
+    result = {**{k: v for k, v in summary.items() if k != "spec"}, **selection, **provenance,
+              "bn_branch": model.bn_branch, "seed": cfg.seed}
+    io.write_json(out / "summary.json", result)
     print(f"{desc}: wrote {out / 'classifier.pt'} (final train loss {summary['train_loss']:.4f}, "
           f"train acc {summary['train_acc']:.2f}%) and classifier_best.pt (epoch {selection['best_epoch']}"
           + (f", {job.selected_by} {best['score']:.2f}%)" if best else ", validation off)"))
-    return metrics
+    return result
 
 
 def _carve_validation(y: torch.Tensor, spec: TrainSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,8 @@
 """`amoc evaluate`: clean, PGD-20 and AutoAttack accuracy and a robustness curve.
 
+Outputs: metrics.json (the headline numbers), eval.json (those of the best-on-validation
+classifier too, every setting, timings) and curve.csv (accuracy against eps, a DVC plot).
+
 The classifier runs in eval mode on its adversarial BN branch, in fp32 (robust numbers
 from reduced precision can hide gradients), batched, on the first `evaluate.n_images`
 test images. An image counts as robust only if it is classified correctly both clean and
@@ -101,6 +104,15 @@ def _summary(r: dict[str, Any], aa_n: int) -> dict[str, Any]:
                        "autoattack_acc": aa}}
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `dvc metrics diff` and `dvc exp show` compare: the last epoch's clean,
+    PGD and AutoAttack accuracy (%) and the images behind them; eval.json has the rest
+    (the best epoch, every setting, timings)."""
+    aa = result["settings"]["autoattack"]
+    return {"clean": result["clean_acc"], "pgd": result["pgd_acc"], "autoattack": result["autoattack_acc"],
+            "n": result["n_images"], "n_autoattack": aa["n_images"]}
+
+
 def run(cfg: Config, args: argparse.Namespace) -> int:
     e = cfg.evaluate
     out = Path(args.out)
@@ -172,6 +184,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         lines = [",".join(CURVE_COLUMNS)] + [",".join(str(r[c]) for c in CURVE_COLUMNS) for r in curve_rows]
         write_text(out / "curve.csv", "\n".join(lines) + "\n")
         write_json(out / "eval.json", result)
+        write_json(out / "metrics.json", headline(result))
         aa_txt = "off" if result["autoattack_acc"] is None else f"{result['autoattack_acc']:.2f}% ({aa_n} images)"
         print(f"{args.model}: clean {result['clean_acc']:.2f}%, PGD-{e.pgd.steps} {result['pgd_acc']:.2f}% "
               f"({n} images), AutoAttack {aa_txt} -> {out / 'eval.json'}")

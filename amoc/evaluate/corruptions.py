@@ -7,8 +7,10 @@ set was built from (same labels; for a generated set also the same pixels, by ha
 
 Metrics (accuracy in %): per corruption x severity; per corruption (mean over
 severities); mean corruption accuracy (mean over all cells); clean accuracy; relative
-drop = (clean - mean corruption) / clean, a fraction. Outputs: OUT/corruptions.json
-and OUT/corruptions.csv (corruption, severity, accuracy), both atomic.
+drop = (clean - mean corruption) / clean, a fraction. Outputs, all atomic:
+OUT/metrics.json (the headline: mean corruption accuracy and relative drop),
+OUT/corruptions.json (everything), OUT/corruptions.csv (corruption, severity, accuracy)
+and OUT/severity.csv (severity 0 = clean, mean accuracy: a DVC plot).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from amoc.nets.classifier import load_classifier
 from amoc.runtime import Runtime, setup
 
 CSV_COLUMNS = ("corruption", "severity", "accuracy")
+SEVERITY_COLUMNS = ("severity", "accuracy")
 
 
 def score(model: nn.Module, cset: layout.CorruptedSet, clean_x: torch.Tensor, clean_y: torch.Tensor,
@@ -110,7 +113,12 @@ def run(cfg: Config, args: Any) -> int:
             for s, acc in row.items():
                 writer.writerow([name, s, f"{acc:.2f}"])
         write_text(out / "corruptions.csv", buf.getvalue())
+        curve = [(0, res["clean_acc"])] + sorted(res["per_severity"].items())
+        write_text(out / "severity.csv", ",".join(SEVERITY_COLUMNS) + "\n"
+                   + "".join(f"{s},{acc:.2f}\n" for s, acc in curve))
         write_json(out / "corruptions.json", report)
+        m = report["metrics"]
+        write_json(out / "metrics.json", {"mean_acc": m["mean_corruption_acc"], "relative_drop": m["relative_drop"]})
     m = report["metrics"]
     print(f"amoc evaluate: {cset.kind} corruptions, {cset.n_images:,} images: clean {m['clean_acc']:.2f}%, "
           f"mean corruption {m['mean_corruption_acc']:.2f}%, relative drop {m['relative_drop']} -> {out} "

@@ -1,7 +1,8 @@
 """`amoc pretrain`: AMOC pre-training of the query encoder (docs/pretrain.md).
 
-Outputs in ``--out``: encoder.pt (nets.store format), metrics.json, log.csv (one row
-per epoch, rewritten atomically) and checkpoints/ (every ``checkpoint_every`` epochs,
+Outputs in ``--out``: encoder.pt (nets.store format), metrics.json (the headline: k-NN
+accuracy, the random-init encoder's k-NN accuracy, the final loss), summary.json (what
+ran and how fast), log.csv (one row per epoch, rewritten atomically) and checkpoints/ (every ``checkpoint_every`` epochs,
 at the end, and when SIGINT/SIGTERM stops the run mid-epoch). ``--resume`` continues
 from the newest good checkpoint written by the same config; the resumed run ends with
 the same weights, bit for bit on the CPU, as one that was never interrupted: the
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,8 @@ from amoc.schedule import scaled_lr, set_lr, warmup_cosine
 from amoc.stopping import check_finite_params
 from amoc.training.loop import Job, Loop
 
-OUTPUTS = ("encoder.pt", "metrics.json", "log.csv")
+COLLAPSE_TOLERANCE = 0.02  # nats: an epoch's mean L_clean this close to log(K+1) has learnt nothing
+OUTPUTS = ("encoder.pt", "metrics.json", "summary.json", "log.csv")
 
 
 @dataclasses.dataclass
@@ -108,7 +112,8 @@ def run(cfg: Config, args: Any) -> int:
     if not dist.main:
         return 0
     print(f"amoc pretrain: {cfg.variant}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
-          f"({metrics['knn_bn_branch']} BN), {metrics['images_per_s']:.1f} images/s -> {out} "
+          f"(random-init encoder {metrics['knn_random_acc']:.4f}; {metrics['knn_bn_branch']} BN), final loss "
+          f"{metrics['loss']:.3f} (log(K+1) = {metrics['log_k_plus_1']:.3f}), {metrics['images_per_s']:.1f} images/s -> {out} "
           f"({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -155,7 +160,8 @@ class Pretraining(Job):
         self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=self.variant.has_adv_loss)
         self.order: torch.Tensor | None = None  # the current epoch's image order
         self.lr = 0.0
-        self.clock = (0, time.perf_counter())  # (steps done, time) at the last sync, for images/s
+        self.clock = (0, time.perf_counter())
+        self.knn_random: float | None = None  # k-NN accuracy of the encoder before training  # (steps done, time) at the last sync, for images/s
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
@@ -166,13 +172,14 @@ class Pretraining(Job):
         self.log.check_finite(epoch=self.log_epoch, step=self.log.count)  # never checkpoint a NaN
         check_finite_params(self.model.query, epoch=self.log_epoch)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "log": self.log.state(), "rng": rng_state(self.generator)}
+                "log": self.log.state(), "rng": rng_state(self.generator), "knn_random": self.knn_random}
 
     def load_state(self, blob: dict[str, Any]) -> None:
         self.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.log.load_state(blob["log"], self.rt.device)
         set_rng_state(blob["rng"], self.generator)
+        self.knn_random = blob.get("knn_random")
 
     def fresh(self) -> None:
         for name in OUTPUTS:
@@ -180,6 +187,9 @@ class Pretraining(Job):
 
     def started(self) -> None:
         self.dist.broadcast_state(self.model)  # every rank starts from rank 0's weights
+        if self.knn_random is None and self.dist.main:
+            # the baseline k-NN must beat: the same encoder at its random initialisation
+            self.knn_random = self.knn()
 
     @property
     def log_epoch(self) -> int:
@@ -223,7 +233,12 @@ class Pretraining(Job):
         knn = None
         if ((p.knn_every and done % p.knn_every == 0) or done == p.epochs) and self.dist.main:
             knn = self.knn()  # eval mode, no collectives: the other ranks go on and wait at the next one
-        self.log.end_epoch(done, images=self.steps_per_epoch * p.batch_size, seconds=seconds, knn_acc=knn)
+        row = self.log.end_epoch(done, images=self.steps_per_epoch * p.batch_size, seconds=seconds, knn_acc=knn)
+        chance = math.log(self.cfg.queue_size + 1)  # InfoNCE when the positive looks like every negative
+        if done > 1 and self.dist.main and abs(row["loss_clean"] - chance) < COLLAPSE_TOLERANCE:
+            print(f"warning: pretrain: epoch {done}'s loss_clean {row['loss_clean']:.3f} sits at log(K+1) = {chance:.3f}: "
+                  "the key net cannot tell the positive from the negatives; lower model.key_momentum or raise "
+                  "pretrain.epochs (docs/results.md)", file=sys.stderr, flush=True)
         return done % p.checkpoint_every == 0 or done == p.epochs
 
     def knn(self) -> float:
@@ -232,18 +247,20 @@ class Pretraining(Job):
                             branch=self.variant.encoder_bn_branch, rt=self.rt, num_classes=d.stats.get("num_classes"))
 
     def finish(self) -> dict[str, Any]:
+        """Write encoder.pt, metrics.json (the headline numbers DVC compares) and summary.json
+        (what ran, how long); returns the summary."""
         cfg, v = self.cfg, self.variant
         last = self.log.rows[-1]
         rows = self.log.rows
         seconds = sum(r["seconds"] for r in rows)
-        metrics = {
+        metrics = {"knn_acc": last["knn_acc"], "knn_random_acc": self.knn_random, "loss": last["loss"]}
+        summary = {
             "variant": v.name, "queue_size": cfg.queue_size, "queue_size_adv": cfg.queue_size_adv,
-            "epochs": len(rows), "knn_acc": last["knn_acc"], "knn_bn_branch": v.encoder_bn_branch,
-            "loss": last["loss"], "loss_clean": last["loss_clean"],
+            "epochs": len(rows), **metrics, "knn_bn_branch": v.encoder_bn_branch,
+            "loss_clean": last["loss_clean"], "loss_adv": last["loss_adv"] if v.has_adv_loss else None,
+            "log_k_plus_1": math.log(cfg.queue_size + 1),
             "seconds": seconds, "images_per_s": len(rows) * self.steps_per_epoch * cfg.pretrain.batch_size / max(seconds, 1e-9),
         }
-        if v.has_adv_loss:
-            metrics["loss_adv"] = last["loss_adv"]
         extra = {"bn_branch": v.encoder_bn_branch, "variant": v.name, "queue_size": cfg.queue_size,
                  "queue_size_adv": cfg.queue_size_adv, "epochs": len(rows), "seed": cfg.seed,
                  "leverage": cfg.leverage, "knn_acc": last["knn_acc"]}
@@ -251,4 +268,5 @@ class Pretraining(Job):
             self.log.write()
             save_encoder(self.out / "encoder.pt", self.model.encoder, extra=extra)
             write_json(self.out / "metrics.json", metrics)
-        return metrics
+            write_json(self.out / "summary.json", summary)
+        return summary

@@ -70,18 +70,19 @@ def _pct_knn(value: Any) -> float | None:
 def collect_pretrain(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
     found = []
     for folder in sorted(p for p in runs.glob("pretrain*") if p.is_dir()):
-        metrics = _read_json(folder / "metrics.json", notes)
+        summary = _read_json(folder / "summary.json", notes)
         log = _read_csv(folder / "log.csv", notes)
-        if metrics is None and log is None:
-            notes.append(f"`{folder}` has neither metrics.json nor log.csv; skipped.")
+        if summary is None and log is None:
+            notes.append(f"`{folder}` has neither summary.json nor log.csv; skipped.")
             continue
-        m = metrics or {}
+        m = summary or {}
         knn = _pct_knn(m.get("knn_acc"))
         if knn is None and log is not None and "knn_acc" in log:
             knn = _pct_knn(log["knn_acc"].dropna().iloc[-1]) if log["knn_acc"].notna().any() else None
         found.append({"run": folder.name, "variant": m.get("variant", "?"), "queue_size": m.get("queue_size"),
                       "epochs": m.get("epochs", None if log is None else len(log)), "knn_acc": knn,
-                      "loss": _num(m.get("loss")), "log": log})
+                      "knn_random_acc": _pct_knn(m.get("knn_random_acc")), "loss": _num(m.get("loss")),
+                      "log_k_plus_1": _num(m.get("log_k_plus_1")), "log": log})
     return found
 
 
@@ -116,7 +117,7 @@ def collect_models(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
     names = list(MODELS) + sorted(n for n in folders if n not in MODELS)
     found = []
     for name in names:
-        train = _read_json(runs / name / "metrics.json", notes)
+        train = _read_json(runs / name / "summary.json", notes)
         folder = folders.get(name)
         ev = None if folder is None else _read_json(folder / "eval.json", notes)
         if ev is None:
@@ -178,10 +179,11 @@ def model_table(models: list[dict[str, Any]]) -> str:
 
 
 def pretrain_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| run | variant | queue size | epochs | k-NN acc (%) | final loss |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| run | variant | queue size | epochs | k-NN acc (%) | k-NN of the random-init encoder (%) "
+             "| final loss | log(K+1) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        lines.append(f"| {r['run']} | {r['variant']} | {r['queue_size'] if r['queue_size'] is not None else 'n/a'} "
-                     f"| {r['epochs'] if r['epochs'] is not None else 'n/a'} | {fmt(r['knn_acc'])} | {fmt(r['loss'], 4)} |")
+        lines.append(f"| {r['run']} | {r['variant']} | {fmt(r['queue_size'])} | {fmt(r['epochs'])} | {fmt(r['knn_acc'])} "
+                     f"| {fmt(r['knn_random_acc'])} | {fmt(r['loss'], 4)} | {fmt(r['log_k_plus_1'], 4)} |")
     return "\n".join(lines)
 
 
@@ -233,10 +235,17 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
     if knn:
         kdata = pd.concat(knn, ignore_index=True)
 
+        baselines = {r["run"]: r["knn_random_acc"] for r in pretrain if r["knn_random_acc"] is not None}
+
         def draw_knn(ax: Any) -> None:
             sns.lineplot(data=kdata, x="epoch", y="knn_acc", hue="run", marker="o", ax=ax)
-            ax.set(title="k-NN accuracy during pre-training", xlabel="epoch", ylabel="k-NN accuracy (%)")
+            for i, (run, acc) in enumerate(baselines.items()):
+                ax.axhline(acc, color=f"C{i}", linestyle="--", linewidth=1,
+                           label=f"random-init encoder ({run})" if len(baselines) > 1 else "random-init encoder")
+            ax.set(title="k-NN accuracy during pre-training", xlabel="epoch", ylabel="k-NN accuracy (%)",
+                   xlim=(0, max(1, int(kdata["epoch"].max())) + 0.5))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend()
             legend_outside(ax, "run")
         figure("pretrain_knn.png", draw_knn)
     else:

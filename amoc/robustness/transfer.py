@@ -14,6 +14,9 @@ accuracy is above its best transfer accuracy (the lowest, over the other models'
 examples) by more than MASKING_MARGIN_PP points is flagged `suspect_gradient_masking`:
 an attack that never sees the target's gradients should not do better than one that
 does, unless those gradients are uninformative (Athalye et al., 2018).
+
+Outputs: metrics.json (per source, the mean accuracy of the other models on its
+examples), transfer.json (the matrix, flags, settings) and transfer.csv.
 """
 from __future__ import annotations
 
@@ -74,6 +77,10 @@ def _models(runs: Path, names: list[str]) -> dict[str, nn.Module]:
     return {n: load_classifier(runs / n / "classifier.pt") for n in names}
 
 
+def _mean(values: list[float]) -> float | None:
+    return _r(sum(values) / len(values)) if values else None
+
+
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
 
@@ -122,6 +129,8 @@ def run(cfg: Config, args: Any) -> int:
                            **{k: (_r(v) if isinstance(v, float) else v) for k, v in flags[m].items()
                               if k != "whitebox_acc"}} for m in everyone},
             "margin_pp": MASKING_MARGIN_PP,
+            # per source: mean accuracy of the other models on its examples (the headline, metrics.json)
+            "sources_summary": {s: _mean([v for m, v in matrix[s].items() if m != s]) for s in sources},
             "units": "robust accuracy in % (correct clean and attacked); matrix[source][target]",
             "seconds": round(time.perf_counter() - start, 1),
         }
@@ -133,6 +142,7 @@ def run(cfg: Config, args: Any) -> int:
                 writer.writerow([s, m, f"{acc:.2f}"])
         write_text(out / "transfer.csv", buf.getvalue())
         write_json(out / "transfer.json", report)
+        write_json(out / "metrics.json", {"transfer_acc": {s: report["sources_summary"][s] for s in sources}})
     suspects = [m for m, f in flags.items() if f["suspect_gradient_masking"]]
     print(f"amoc transfer: {len(sources)} source(s) x {len(everyone)} models, {n} images -> {out}"
           + (f"; suspect gradient masking: {', '.join(suspects)}" if suspects else ""))

@@ -116,7 +116,7 @@ def test_only_rank_0_writes_checkpoints_and_outputs(runs):
     out = rank0["out"]
     assert sorted(p.name[:23] for p in (out / "rank0" / "checkpoints").iterdir()) == [
         "epoch-0001-step-000000-", "epoch-0002-step-000000-"]
-    assert {p.name for p in (out / "rank0").iterdir()} == {"checkpoints", "encoder.pt", "metrics.json", "log.csv"}
+    assert {p.name for p in (out / "rank0").iterdir()} == {"checkpoints", "encoder.pt", "metrics.json", "summary.json", "log.csv"}
     assert not (out / "rank1").exists() or not any((out / "rank1").rglob("*"))
 
 

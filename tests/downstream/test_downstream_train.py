@@ -59,7 +59,7 @@ def test_probe_trains_only_the_head(setup, mode, alf_loss):
     rows = read_log(out / "log.csv")
     assert list(rows[0]) == list(trainer.LOG_COLUMNS) and [r["epoch"] for r in rows] == ["1", "2"]
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.01])  # milestone at epoch 1
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "summary.json").read_text())
     assert metrics["epochs"] == 2 and metrics["mode"] == mode and metrics["n_train"] == 128
     assert metrics["loss_fn"] == ("ce" if mode == "slf" else alf_loss)
     assert metrics["train_loss"] == pytest.approx(float(rows[-1]["loss"]))
@@ -78,7 +78,7 @@ def test_aff_trains_the_encoder_on_the_adv_branch(setup):
     assert "bn1.adv.running_mean" in changed and "bn1.adv.weight" in changed
     # train mode on the adversarial branch: the clean branch's statistics never move
     assert not any(".clean.running_" in k for k in changed)
-    assert json.loads((out / "metrics.json").read_text())["mode"] == "aff"
+    assert json.loads((out / "summary.json").read_text())["mode"] == "aff"
 
 
 def test_scratch_builds_the_encoder_from_params_and_data_stats(setup):
@@ -168,7 +168,7 @@ def test_validation_split_logs_each_epoch_and_keeps_the_best_epoch(setup, monkey
     rows = read_log(out / "log.csv")
     val = [float(r["val_pgd_acc"]) for r in rows]
     assert all(r["val_acc"] != "" for r in rows) and all(0 <= v <= float(r["val_acc"]) for v, r in zip(val, rows))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "summary.json").read_text())
     assert metrics["n_train"] == 128 - 32 and metrics["n_val"] == 32  # held out, not trained on
     best_epoch = val.index(max(val)) + 1  # the first epoch with the highest validation PGD accuracy
     assert metrics["best_epoch"] == best_epoch and metrics["selected_by"] == "val_pgd_acc"

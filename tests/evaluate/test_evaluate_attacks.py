@@ -87,6 +87,10 @@ def test_evaluate_stage_writes_settings_counts_and_an_ordered_result(robust, tmp
     assert s["pgd"]["random_start"] is True and s["seed"] == 0 and s["model"] == str(robust["path"])
     assert s["autoattack"]["max_perturbation_255"] <= 8 + 1e-3 and s["bn_branch"] == "adv"
     assert result["subset"]["n_images"] == 40 and result["throughput"]["autoattack_images_per_s"] > 0
+    # metrics.json: the headline numbers only (what dvc exp show / metrics diff compare)
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "clean": result["clean_acc"], "pgd": result["pgd_acc"], "autoattack": result["autoattack_acc"],
+        "n": 40, "n_autoattack": 40}
     with open(out / "curve.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [float(r["eps_255"]) for r in rows] == [0, 4, 8] and all(r["n_images"] == "40" for r in rows)

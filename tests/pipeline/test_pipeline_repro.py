@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-HEADLINE = {"clean_acc", "pgd_acc", "autoattack_acc", "knn_acc"}
+HEADLINE = {"clean", "pgd", "autoattack", "knn_acc", "knn_random_acc", "mean_acc", "relative_drop", "transfer_acc.scratch"}
+MODELS = ("slf", "alf", "aff", "scratch")
 TIMING = re.compile(r"seconds|per_s|throughput")
 EVALUATE = {f"evaluate@{m}" for m in ("slf", "alf", "aff", "scratch")}
 # What a new pre-training re-runs: the pre-trained models, their evaluations, and the
@@ -91,15 +92,17 @@ def make_workspace(path: Path, *, dvc: bool) -> Path:
 
 
 def metrics(ws: Path) -> dict[str, dict]:
-    """{file: flattened metrics} of every metrics file, without wall-clock fields."""
+    """{file: flattened numbers} of every metrics file and the JSON beside it (settings,
+    provenance), without wall-clock fields."""
     def flat(node, prefix=""):
         if isinstance(node, dict):
             for key, value in node.items():
                 yield from flat(value, f"{prefix}{key}.")
         else:
             yield prefix[:-1], node
-    files = sorted(ws.glob("runs/*/metrics.json")) + sorted(ws.glob("runs/*/eval/eval.json")) + \
-        sorted(ws.glob("runs/*/corruptions/corruptions.json")) + sorted(ws.glob("runs/transfer/transfer.json"))
+    files = sorted(ws.glob("runs/**/metrics.json")) + sorted(ws.glob("runs/*/summary.json")) + \
+        sorted(ws.glob("runs/*/eval/eval.json")) + sorted(ws.glob("runs/*/corruptions/corruptions.json")) + \
+        sorted(ws.glob("runs/transfer/transfer.json"))
     return {str(f.relative_to(ws)): {k: v for k, v in flat(json.loads(f.read_text())) if not TIMING.search(k)}
             for f in files}
 
@@ -177,10 +180,9 @@ def test_dvc_metrics_hold_the_headline_numbers(dvc_ws):
                 walk(value)
     walk(shown)
     assert HEADLINE <= keys, f"missing from dvc metrics show: {HEADLINE - keys}"
-    got = metrics(dvc_ws)
-    assert set(got) == {f"runs/{m}/metrics.json" for m in ("pretrain", "slf", "alf", "aff", "scratch")} | \
-        {f"runs/{m}/eval/eval.json" for m in ("slf", "alf", "aff", "scratch")} | \
-        {f"runs/{m}/corruptions/corruptions.json" for m in ("slf", "alf", "aff", "scratch")} | {"runs/transfer/transfer.json"}
+    files = {key for key in keys if key.endswith(".json")}
+    assert files == {"runs/pretrain/metrics.json", "runs/transfer/metrics.json"} | \
+        {f"runs/{m}/{kind}/metrics.json" for m in MODELS for kind in ("eval", "corruptions")}, files
 
 
 def test_an_evaluate_param_stales_only_the_evaluate_stages(dvc_ws):
@@ -306,6 +308,33 @@ def test_a_second_clone_reuses_the_stages_through_a_dvc_remote(dvc_ws, tmp_path)
     assert run("dvc", "status", "-q", cwd=clone, check=False).returncode == 0
 
 
+def exp_metric_columns(shown) -> int:
+    """The number of distinct metric columns `dvc exp show` has: flattened keys over every
+    metrics file of every experiment."""
+    columns = set()
+
+    def leaves(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                leaves(value, f"{prefix}.{key}")
+        else:
+            columns.add(prefix)
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "metrics" and isinstance(value, dict):
+                    for file, content in value.items():
+                        leaves((content or {}).get("data", {}), file)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(shown)
+    return len(columns)
+
+
 def test_exp_run_with_another_queue_size(dvc_ws, request):
     baseline = metrics(dvc_ws)
     start = time.perf_counter()
@@ -324,6 +353,16 @@ def test_exp_run_with_another_queue_size(dvc_ws, request):
         diff = json.loads(run("dvc", "metrics", "diff", "--all", "--json", cwd=dvc_ws).stdout)
         listed = {key for file in diff.values() for key in file}
         assert HEADLINE <= listed, f"dvc metrics diff lacks {HEADLINE - listed}"
+        # Readable (issue 19): the swept param and the moved headline numbers fit a wide terminal.
+        changed = run("dvc", "exp", "show", "--only-changed", "--md", cwd=dvc_ws).stdout
+        header = next(line for line in changed.splitlines() if line.startswith("|"))
+        say(request, f"\n[dvc exp show --only-changed --md] {header.count('|') - 1} columns")
+        assert header.count("|") - 1 <= 40, changed
+        assert "queue_size" in header and "knn_acc" in header, header
+        assert exp_metric_columns(json.loads(run("dvc", "exp", "show", "--json", cwd=dvc_ws).stdout)) <= 32
+        table = run("dvc", "metrics", "diff", cwd=dvc_ws).stdout.strip().splitlines()
+        say(request, f"[dvc metrics diff] {len(table)} lines")
+        assert 3 <= len(table) <= 32, "\n".join(table)
     finally:  # back to the committed baseline for any test that runs after this one
         run("git", "checkout", "-q", "--", ".", cwd=dvc_ws)
         run("dvc", "checkout", "-q", "--force", cwd=dvc_ws, check=False)

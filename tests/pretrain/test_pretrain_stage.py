@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -65,12 +66,15 @@ def test_outputs(reference):
     assert 0.0 <= float(rows[2]["knn_acc"]) <= 1.0
     for r in rows:
         assert float(r["loss"]) == pytest.approx(0.5 * float(r["loss_clean"]) + 0.5 * float(r["loss_adv"]), rel=1e-5)
-    metrics = json.loads((reference / "metrics.json").read_text())
+    metrics = json.loads((reference / "summary.json").read_text())
     assert metrics["variant"] == "ACA+" and metrics["queue_size"] == 20 and metrics["queue_size_adv"] == 12
     assert metrics["epochs"] == 3 and metrics["knn_bn_branch"] == "adv"
     for key in ("knn_acc", "loss", "loss_clean", "loss_adv", "images_per_s", "seconds"):
         assert isinstance(metrics[key], float), key
     assert metrics["loss"] == float(rows[2]["loss"]) and metrics["knn_acc"] == float(rows[2]["knn_acc"])
+    headline = json.loads((reference / "metrics.json").read_text())  # what DVC compares: nothing else
+    assert headline == {k: metrics[k] for k in ("knn_acc", "knn_random_acc", "loss")}
+    assert 0.0 <= headline["knn_random_acc"] <= 1.0 and metrics["log_k_plus_1"] == pytest.approx(math.log(21))
     encoder = load_encoder(reference / "encoder.pt")
     blob = torch_load(reference / "encoder.pt")
     assert blob["extra"] == {"bn_branch": "adv", "variant": "ACA+", "queue_size": 20, "queue_size_adv": 12,
@@ -129,8 +133,8 @@ def test_exact_resume(params, prepared, reference, tmp_path, monkeypatch, capsys
     for a, b in zip(expected["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert without_timing(read_log(out)) == without_timing(read_log(reference))
-    ref_metrics = json.loads((reference / "metrics.json").read_text())
-    metrics = json.loads((out / "metrics.json").read_text())
+    ref_metrics = json.loads((reference / "summary.json").read_text())
+    metrics = json.loads((out / "summary.json").read_text())
     assert {k: v for k, v in metrics.items() if k not in TIMING} == {k: v for k, v in ref_metrics.items() if k not in TIMING}
 
 
@@ -154,8 +158,8 @@ def test_resume_with_another_config_starts_fresh(params, prepared, tmp_path, cap
 def test_ccc_has_no_adversarial_loss_and_uses_clean_bn(params, prepared, tmp_path):
     out = tmp_path / "run"
     assert pretrain(params, prepared, out, "pretrain.epochs=1", "variant=CCC") == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "loss_adv" not in metrics and metrics["knn_bn_branch"] == "clean"
+    metrics = json.loads((out / "summary.json").read_text())
+    assert metrics["loss_adv"] is None and metrics["knn_bn_branch"] == "clean"
     assert metrics["loss"] == metrics["loss_clean"]
     assert read_log(out)[0]["loss_adv"] == ""
     assert torch_load(out / "encoder.pt")["extra"]["bn_branch"] == "clean"
@@ -199,5 +203,13 @@ def test_bf16_autocast_and_channels_last_path(params, prepared, tmp_path):
     out = tmp_path / "run"
     assert pretrain(params, prepared, out, "pretrain.epochs=1", "runtime.precision=bf16",
                     "runtime.channels_last=on", "variant=AAA") == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "summary.json").read_text())
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss", "loss_clean", "loss_adv", "knn_acc"))
+
+
+def test_a_loss_sitting_at_log_k_plus_1_is_warned_about(params, prepared, tmp_path, capsys):
+    """At T = 1000 every logit is ~0: the loss is log(K+1) whatever the network does, the
+    situation the warning is for (from the second epoch on; the first may still be warming up)."""
+    assert pretrain(params, prepared, tmp_path / "flat", "model.temperature=1000") == 0
+    err = capsys.readouterr().err
+    assert err.count("sits at log(K+1)") == 2 and "epoch 2's loss_clean" in err and "epoch 1's" not in err

@@ -4,7 +4,7 @@ Every run here is a subprocess (`python -m amoc ...`, one thread), so the signal
 real: SIGKILL mid-epoch (no handler runs, a stale lock stays behind), SIGTERM/SIGINT
 (checkpoint then exit 130), a second run on the same --out. The resumed runs must end
 bit-identical to one uninterrupted run: every tensor of encoder.pt / classifier.pt
-(torch.equal), log.csv and metrics.json with the timing columns removed.
+(torch.equal), log.csv and summary.json with the timing columns removed.
 
 Sizes: 96 synthetic 16x16 images, batch 8 = 12 steps per epoch, 4 epochs (~0.1 s/step).
 """
@@ -119,13 +119,13 @@ def read_metrics(path: Path) -> dict:
 
 
 def assert_same_run(got: Path, expected: Path, weights: str) -> None:
-    """Bit-identical weights file, log.csv and metrics.json (timings aside), no lock left."""
+    """Bit-identical weights file, log.csv and summary.json (timings aside), no lock left."""
     a, b = torch_load(expected / weights)["state_dict"], torch_load(got / weights)["state_dict"]
     assert a.keys() == b.keys()
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), f"{weights}: {name} differs from the uninterrupted run"
     assert read_log(got / "log.csv") == read_log(expected / "log.csv")
-    assert read_metrics(got / "metrics.json") == read_metrics(expected / "metrics.json")
+    assert read_metrics(got / "summary.json") == read_metrics(expected / "summary.json")
     assert not (got / ".amoc.lock").exists()
 
 

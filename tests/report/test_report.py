@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_eval(folder: Path, clean: float, pgd: float, aa: float | None, n: int = 1000, n_aa: int = 500,
-              curve: bool = True) -> None:
+              curve: bool = True, best: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"pgd": {"steps": 20, "eps_255": 8.0, "step_255": 2.0, "random_start": True, "n_images": n},
                 "autoattack": {"enabled": aa is not None, "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
@@ -22,7 +22,7 @@ def fake_eval(folder: Path, clean: float, pgd: float, aa: float | None, n: int =
                                "n_images": n_aa if aa is not None else 0},
                 "curve": {"steps": 20}}
     (folder / "eval.json").write_text(json.dumps({"clean_acc": clean, "pgd_acc": pgd, "autoattack_acc": aa,
-                                                  "n_images": n, "settings": settings}))
+                                                  "n_images": n, "epoch": 40, "best": best, "settings": settings}))
     if curve:
         rows = ["eps_255,eps,accuracy,n_images"] + [f"{e},{e / 255},{max(clean - 4 * e, 0):.2f},{n}" for e in (0, 2, 4, 8, 16)]
         (folder / "curve.csv").write_text("\n".join(rows) + "\n")
@@ -34,8 +34,9 @@ def fake_pretrain(folder: Path, variant: str, queue: int, knn: list[float | None
     for i, k in enumerate(knn, 1):
         rows.append(f"{i},{9 - i},{8.5 - i},{9.5 - i},0.1,100,10,{'' if k is None else k}")
     (folder / "log.csv").write_text("\n".join(rows) + "\n")
-    (folder / "metrics.json").write_text(json.dumps({"variant": variant, "queue_size": queue, "epochs": len(knn),
-                                                     "knn_acc": knn[-1], "loss": 9 - len(knn)}))
+    (folder / "summary.json").write_text(json.dumps({"variant": variant, "queue_size": queue, "epochs": len(knn),
+                                                     "knn_acc": knn[-1], "knn_random_acc": 0.25, "loss": 9 - len(knn),
+                                                     "log_k_plus_1": 10.4}))
 
 
 def report(tmp_path: Path, runs: Path) -> Path:
@@ -64,7 +65,8 @@ def test_report_on_a_full_set_of_runs(tmp_path, capsys):
                 "| scratch (TRADES from scratch) | 80.70 | 51.10 | 47.30 |", "| transfer-probe | 70.00 | 30.00 | n/a | 1000 | - |"):
         assert row in md and row in printed
     assert "PGD-20 (%)" in md and "N = 1000" in md and "N = 500" in md and "8.0/255" in md
-    assert "| pretrain | ACA+ | 32768 | 3 | 52.00 |" in md and "| pretrain-q4096 | ACA+ | 4096 | 2 | 47.00 |" in md
+    assert "| pretrain | ACA+ | 32768 | 3 | 52.00 | 25.00 | 6.0000 | 10.4000 |" in md
+    assert "| pretrain-q4096 | ACA+ | 4096 | 2 | 47.00 | 25.00 |" in md and "random-init encoder" in md
     names = ("pretrain_loss.png", "pretrain_knn.png", "robust_curve.png", "accuracy_bars.png", "pretrain_compare.png")
     for name in names:
         assert is_png(out / name), name
@@ -87,6 +89,18 @@ def test_report_on_a_partial_run_notes_what_is_missing(tmp_path):
     assert "k-NN figure skipped" in md
     assert is_png(out / "accuracy_bars.png") and is_png(out / "pretrain_loss.png")
     assert not (out / "robust_curve.png").exists() and not (out / "pretrain_compare.png").exists()
+
+
+def test_report_puts_the_best_epoch_beside_the_last(tmp_path):
+    runs = tmp_path / "runs"
+    best = {"epoch": 23, "selected_by": "val_pgd_acc", "same_as_last": False, "clean_acc": 82.0, "pgd_acc": 54.0,
+            "autoattack_acc": 49.5}
+    fake_eval(runs / "aff" / "eval", 83.2, 52.0, 47.7, best=best)
+    fake_eval(runs / "alf" / "eval", 79.0, 45.1, 41.5, best={**best, "same_as_last": True, "epoch": 40})
+    md = (report(tmp_path, runs) / "report.md").read_text()
+    assert "| AFF (last epoch 40) | 83.20 | 52.00 | 47.70 |" in md
+    assert "| AFF (best on validation, epoch 23, val_pgd_acc) | 82.00 | 54.00 | 49.50 |" in md
+    assert "| ALF (last epoch 40 = best on validation) | 79.00 |" in md and "ALF (best" not in md
 
 
 @pytest.mark.parametrize("make_dir", [False, True])

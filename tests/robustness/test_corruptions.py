@@ -416,6 +416,12 @@ def test_evaluate_agrees_with_a_direct_loop(digits_dir, tmp_path, capsys):
     report = json.loads((out / "corruptions.json").read_text())
     rows = (out / "corruptions.csv").read_text().splitlines()
     assert rows[0] == "corruption,severity,accuracy" and len(rows) == 1 + len(names) * len(severities)
+    m = report["metrics"]  # the headline for DVC, and the severity curve as plot data
+    assert json.loads((out / "metrics.json").read_text()) == {"mean_acc": m["mean_corruption_acc"],
+                                                               "relative_drop": m["relative_drop"]}
+    curve = (out / "severity.csv").read_text().splitlines()
+    assert curve == ["severity,accuracy", f"0,{m['clean_acc']:.2f}"] + [f"{s},{m['per_severity'][str(s)]:.2f}"
+                                                                       for s in severities]
 
     model = amoc.load_classifier(model_path)
 

@@ -102,6 +102,9 @@ def test_diagonal_is_whitebox_pgd(runs, digits_dir, tmp_path, monkeypatch):
     assert clean > 70 and report["models"]["ridge_a"]["whitebox_acc"] < clean - 20, "the attack should bite"
     rows = (tmp_path / "t" / "transfer.csv").read_text().splitlines()
     assert rows[0] == "source,target,accuracy" and len(rows) == 1 + 2
+    # the headline per source: the other models' accuracy on its examples (here one: ridge_b)
+    headline = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert headline == {"transfer_acc": {"ridge_a": report["matrix"]["ridge_a"]["ridge_b"]}}
 
 
 def test_masked_gradients_are_flagged(runs, digits_dir, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
     output:
         "runs/{mode}/classifier.pt",
         "runs/{mode}/classifier_best.pt",
-        "runs/{mode}/metrics.json",
+        "runs/{mode}/summary.json",
         "runs/{mode}/log.csv",
     wildcard_constraints:
         mode="slf|alf",
@@ -35,7 +35,7 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
     output:
         "runs/aff/classifier.pt",
         "runs/aff/classifier_best.pt",
-        "runs/aff/metrics.json",
+        "runs/aff/summary.json",
         "runs/aff/log.csv",
     params:
         **cfg("seed", "finetune", "distributed", "runtime.precision"),
@@ -58,7 +58,7 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
     output:
         "runs/scratch/classifier.pt",
         "runs/scratch/classifier_best.pt",
-        "runs/scratch/metrics.json",
+        "runs/scratch/summary.json",
         "runs/scratch/log.csv",
     params:
         **cfg("seed", "finetune", "model.arch", "model.width", "distributed", "runtime.precision"),

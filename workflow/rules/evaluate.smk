@@ -4,6 +4,7 @@ rule evaluate:  # clean, PGD-20 and AutoAttack accuracy, plus accuracy against e
         "runs/{model}/classifier.pt",
         "runs/{model}/classifier_best.pt",  # evaluated too
     output:
+        "runs/{model}/eval/metrics.json",
         "runs/{model}/eval/eval.json",
         "runs/{model}/eval/curve.csv",
     wildcard_constraints:

@@ -8,6 +8,7 @@ rule pretrain:
     output:
         "runs/pretrain/encoder.pt",
         "runs/pretrain/metrics.json",
+        "runs/pretrain/summary.json",
         "runs/pretrain/log.csv",
     params:
         **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "distributed", "runtime.precision"),

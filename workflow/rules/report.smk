@@ -1,8 +1,8 @@
 rule report:  # report/report.md (one table of every metric) and seaborn PNGs
     input:
-        "runs/pretrain/metrics.json",
+        "runs/pretrain/summary.json",
         "runs/pretrain/log.csv",
-        expand("runs/{model}/{file}", model=MODELS, file=["metrics.json", "log.csv", "eval/eval.json", "eval/curve.csv",
+        expand("runs/{model}/{file}", model=MODELS, file=["summary.json", "log.csv", "eval/eval.json", "eval/curve.csv",
                                                          "corruptions/corruptions.json", "corruptions/corruptions.csv"]),
         "runs/transfer/transfer.json",
         "runs/transfer/transfer.csv",

@@ -20,8 +20,10 @@ rule evaluate_corruptions:  # accuracy per corruption x severity, mean, relative
         "data/corrupted",
         "runs/{model}/classifier.pt",
     output:
+        "runs/{model}/corruptions/metrics.json",
         "runs/{model}/corruptions/corruptions.json",
         "runs/{model}/corruptions/corruptions.csv",
+        "runs/{model}/corruptions/severity.csv",
     wildcard_constraints:
         model="|".join(MODELS),
     params:
@@ -43,6 +45,7 @@ rule transfer:  # black-box check: PGD-20 examples of each source model scored o
         "data/prepared",
         expand("runs/{model}/classifier.pt", model=MODELS),
     output:
+        "runs/transfer/metrics.json",
         "runs/transfer/transfer.json",
         "runs/transfer/transfer.csv",
     params:
