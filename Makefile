@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-readme test bench clean
 
 $(BIN)/amoc: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(BIN)/amoc
 # The full DAG (dvc repro) on the embedded real data set, offline, on the CPU.
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/demo.sh
+
+# Put the numbers of the last `make demo` into the README (between its demo markers).
+demo-readme:
+	$(BIN)/python workflow/demo_block.py --install demo/readme-block.md README.md
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

@@ -13,6 +13,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 WS=${AMOC_DEMO_DIR:-demo}
 PRESET=${AMOC_DEMO_PRESET:-demo}
 t0=$SECONDS
@@ -45,8 +46,10 @@ echo "git repo + DVC project in $(pwd)"
 
 say "dvc repro: download -> pretrain -> probe slf/alf, finetune aff/scratch -> evaluate x4, corruptions, transfer -> report"
 dvc repro
+dag_seconds=$((SECONDS - t0))
 git add -A
 git commit -q -m "demo run: dvc repro" # the baseline for dvc exp run / dvc metrics diff
+python "$REPO/workflow/demo_block.py" . --seconds "$dag_seconds" > readme-block.md
 
 say "report/report.md"
 cat report/report.md
@@ -57,6 +60,7 @@ for png in report/*.png; do
 done
 
 say "done in $(elapsed)"
+echo "The README's demo block from this run is in $WS/readme-block.md (make demo-readme copies it in)."
 cat <<EOF
 Try next (from $WS/):
   dvc exp run -S queue_size=512      # re-runs pretrain and what depends on it, not scratch

@@ -169,6 +169,8 @@ class ClassifierTraining(Job):
         self.seed, self.val = seed, val  # held-out (uint8 images, labels), or None
         self.best: dict[str, Any] | None = None  # the best epoch on `val` so far: epoch, score, state
         model.train(train_mode)
+        if rt.compile:  # training forwards, attacks and validation all call the compiled module
+            model.compile()
         # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
         self.forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
 
@@ -334,7 +336,7 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     data_digest = file_digest(Path(data) / "train.npz")
     # what the run computes (not where or how fast): a resume must match all of it
     fp = fingerprint(provenance, dataclasses.asdict(spec), cfg.seed, data_digest, model.bn_branch,
-                     model.num_classes, str(rt.amp_dtype), cfg.distributed.bn)
+                     model.num_classes, str(rt.amp_dtype), rt.compile, cfg.distributed.bn)
     job = ClassifierTraining(model, trainable, spec, x[train_idx], y[train_idx], rt, out, seed=cfg.seed,
                              fingerprint=fp, train_mode=train_mode, desc=desc, val=val, dist=dist,
                              bn=cfg.distributed.bn)

@@ -11,6 +11,7 @@ import torch
 from downstream_helpers import run_stage, make_prepared, params_file, random_encoder  # noqa: F401
 
 from amoc.downstream import trainer
+from amoc.training import loop
 from amoc.nets.classifier import load_classifier, read_classifier
 from amoc.nets import DualBatchNorm2d
 from amoc.nets.store import load_encoder, save_encoder
@@ -125,7 +126,7 @@ def test_probe_resumes_exactly_after_a_stop_and_from_an_epoch_checkpoint(setup, 
             return "SIGTERM" if self.checks >= 7 else None
 
     out = setup["root"] / "resume-stop"
-    monkeypatch.setattr(trainer, "StopSignals", StopAfter)
+    monkeypatch.setattr(loop, "StopSignals", StopAfter)
     assert _probe(setup, out) == 130
     assert not (out / "classifier.pt").exists()
     (newest,) = (out / "checkpoints").glob("epoch-0001-step-000002-*.pt")
@@ -154,7 +155,8 @@ def test_resume_ignores_a_checkpoint_of_another_config(setup, capsys):
     assert run_stage("probe", setup["params"], "--mode", "alf", "--encoder", str(setup["encoder"]), "--data",
                 str(setup["data"]), "--out", str(out), "--resume", **{"probe.batch_size": 32, "probe.lr": 0.05}) == 0
     captured = capsys.readouterr()
-    assert "starting from the beginning" in captured.err and "resuming" not in captured.out
+    assert "no usable checkpoint" in captured.err and "starting fresh" in captured.err
+    assert "resuming" not in captured.err
     assert "probe alf epoch 1/2" in captured.out
     assert not old & set((out / "checkpoints").iterdir())  # the stale config's files are gone
 
@@ -188,3 +190,16 @@ def test_validation_off_writes_the_last_epoch_as_best(setup):
     assert all(r["val_acc"] == "" for r in read_log(out / "log.csv"))
     _, prov = read_classifier(out / "classifier_best.pt")
     assert prov["epoch"] == 2 and prov["selected_by"].startswith("none")
+
+
+@pytest.mark.slow
+def test_compile_works_for_the_classifier_stages(setup):
+    """runtime.compile: the probe and fine-tuning run through torch.compile (inductor on the
+    CPU) and learn what the eager run learns, up to the compiler's float rounding."""
+    logs = {}
+    for compiled in (False, True):
+        out = setup["root"] / f"finetune-compile-{compiled}"
+        assert run_stage("finetune", setup["params"], "--init", str(setup["encoder"]), "--data", str(setup["data"]),
+                         "--out", str(out), **{"runtime.compile": compiled, "finetune.loss": "pgd_at"}) == 0
+        logs[compiled] = [float(r["loss"]) for r in read_log(out / "log.csv")]
+    assert logs[True] == pytest.approx(logs[False], rel=1e-3)

@@ -144,8 +144,9 @@ def snakemake_side(*extra: str, root: Path = REPO) -> dict[str, Stage]:
             f"rule {job['rule']}: the command should send its output to its log: {job['cmd']}"
         cmd = normalise(job["cmd"])
         assert cmd not in stages, f"two jobs run {cmd!r}"
+        # `launcher` (amoc or torchrun) is how a job starts, not a params.yaml key
         stages[cmd] = Stage(job["rule"], tuple(sorted(job["input"])), tuple(sorted(job["output"])),
-                            tuple(sorted(rules[job["rule"]]["params"])))
+                            tuple(sorted(set(rules[job["rule"]]["params"]) - {"launcher"})))
     return stages
 
 

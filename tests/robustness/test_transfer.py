@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import amoc
+
 from amoc import cli
 from amoc.attacks.pgd import pgd_linf
 from amoc.report import robustness as plots
+from amoc.robustness import transfer
 from amoc.robustness.transfer import masking_flags
 from amoc.data.prepared import load_split
 
@@ -61,13 +62,13 @@ def runs(digits_dir, tmp_path_factory) -> tuple[Path, dict[str, nn.Module]]:
     root = tmp_path_factory.mktemp("runs")
     for name in models:
         (root / name).mkdir()
-        (root / name / "classifier.pt").write_bytes(b"stand-in: amoc.load_classifier is patched")
+        (root / name / "classifier.pt").write_bytes(b"stand-in: transfer.load_classifier is patched")
     return root, {k: m.eval() for k, m in models.items()}
 
 
 def _run_transfer(runs_root: Path, models: dict[str, nn.Module], digits_dir: Path, out: Path, monkeypatch,
                   sources: str, targets: list[str], *extra: str) -> dict:
-    monkeypatch.setattr(amoc, "load_classifier", lambda path: models[Path(path).parent.name])
+    monkeypatch.setattr(transfer, "load_classifier", lambda path: models[Path(path).parent.name])
     assert cli.main(["transfer", *QUIET, "--set", f"transfer.sources={sources}", "--set", "transfer.n_images=60",
                      "--set", "transfer.attack.steps=10", "--set", "transfer.attack.eps=32/255",
                      "--set", "evaluate.batch_size=25", *extra,
