@@ -124,7 +124,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     e = cfg.evaluate
     out = Path(args.out)
     with RunLock(out), oom_hint("evaluate", "evaluate.batch_size", e.batch_size):
-        rt = setup(cfg.runtime, cfg.seed)
+        rt = setup(cfg.runtime, cfg.seed, stage="evaluate", evaluation=True)
         model, provenance = read_classifier(args.model)
         model = rt.prepare(model).eval().requires_grad_(False)  # FAB calls .backward(): no weight grads
         x, y = load_split(args.data, "test")

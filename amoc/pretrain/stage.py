@@ -125,7 +125,7 @@ class Pretraining:
             raise ConfigError(f"pretrain.batch_size: the global batch of {p.batch_size} does not split evenly over "
                               f"{dist.world} processes; use a multiple of {dist.world}")
         self.variant = Variant.parse(cfg.variant)
-        self.rt = rt = setup(cfg.runtime, cfg.seed, dist)
+        self.rt = rt = setup(cfg.runtime, cfg.seed, dist, stage="pretrain")
         self.data = load_data(data, rt.device, p.batch_size)
         self.steps_per_epoch = len(self.data.train_x) // p.batch_size  # the incomplete last batch is dropped
         self.model = model = rt.prepare(build_moco(cfg, self.data.stats["mean"], self.data.stats["std"])).train()
