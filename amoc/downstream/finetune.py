@@ -27,7 +27,7 @@ from amoc.runtime import setup
 def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     with session(cfg.runtime.device) as dist, RunLock(out) if dist.main else contextlib.nullcontext():
-        rt = setup(cfg.runtime, cfg.seed, dist)   # seeds the random init of --init scratch (same on every rank)
+        rt = setup(cfg.runtime, cfg.seed, dist, stage="finetune")   # seeds the random init of --init scratch (same on every rank)
         x, y, stats = load_train_data(args.data)
         if args.init == "scratch":
             encoder = build_encoder(cfg.model.arch, cfg.model.width, stats["mean"], stats["std"])

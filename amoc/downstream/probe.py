@@ -29,7 +29,7 @@ def encoder_branch(extra: dict) -> str:
 def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     with session(cfg.runtime.device) as dist, RunLock(out) if dist.main else contextlib.nullcontext():
-        rt = setup(cfg.runtime, cfg.seed, dist)
+        rt = setup(cfg.runtime, cfg.seed, dist, stage="probe")
         x, y, stats = load_train_data(args.data)   # fail on bad data before loading weights
         encoder, extra = load_encoder_file(args.encoder)
         model = rt.prepare(Classifier(encoder, int(stats["num_classes"]), encoder_branch(extra)))

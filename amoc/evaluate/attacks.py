@@ -117,7 +117,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     e = cfg.evaluate
     out = Path(args.out)
     with RunLock(out), oom_hint("evaluate", "evaluate.batch_size", e.batch_size):
-        rt = setup(cfg.runtime, cfg.seed)
+        rt = setup(cfg.runtime, cfg.seed, stage="evaluate", evaluation=True)
         model, provenance = _load(args.model, rt)
         best_path = Path(args.model).with_name("classifier_best.pt")
         x, y = load_split(args.data, "test")

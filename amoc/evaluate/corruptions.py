@@ -82,7 +82,7 @@ def run(cfg: Config, args: Any) -> int:
     out = Path(args.out)
     cset = layout.read(args.corruptions)
     with RunLock(out):
-        rt = setup(cfg.runtime, cfg.seed)
+        rt = setup(cfg.runtime, cfg.seed, stage="evaluate --corruptions", evaluation=True)
         model = rt.prepare(load_classifier(args.model)).eval().requires_grad_(False)
         x, y = clean_images(args.data, cset)
         res = score(model, cset, x, y, rt, cfg.evaluate.batch_size)

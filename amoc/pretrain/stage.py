@@ -134,7 +134,7 @@ class Pretraining(Job):
                               f"{dist.world} processes; use a multiple of {dist.world}")
         self.epochs, self.batch_size = p.epochs, p.batch_size
         self.variant = Variant.parse(cfg.variant)
-        self.rt = rt = setup(cfg.runtime, cfg.seed, dist)
+        self.rt = rt = setup(cfg.runtime, cfg.seed, dist, stage="pretrain")
         self.data = load_data(data, rt.device, p.batch_size)
         self.steps_per_epoch = len(self.data.train_x) // p.batch_size  # the incomplete last batch is dropped
         self.model = model = rt.prepare(build_moco(cfg, self.data.stats["mean"], self.data.stats["std"])).train()

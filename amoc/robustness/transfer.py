@@ -94,7 +94,7 @@ def run(cfg: Config, args: Any) -> int:
     everyone = targets + [s for s in sources if s not in targets]
     out, runs = Path(args.out), Path(args.runs)
     with RunLock(out):
-        rt = setup(cfg.runtime, cfg.seed)
+        rt = setup(cfg.runtime, cfg.seed, stage="transfer", evaluation=True)
         models = {n: rt.prepare(m).eval().requires_grad_(False) for n, m in _models(runs, everyone).items()}
         x, y = load_split(args.data, "test")
         n = min(t.n_images or len(x), len(x))

@@ -173,6 +173,7 @@ def test_torchrun_pretrain_then_resume_the_checkpoint_in_one_process(params, pre
     done = torchrun(*argv, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("amoc pretrain: ACA+, 2 epochs") == 1  # rank 0 reports, once
+    assert done.stdout.count("amoc pretrain runtime: cpu, fp32") == 1  # and announces its runtime once
     log2 = read_log(out / "log.csv")
     assert [row["epoch"] for row in log2] == ["1", "2"]
 

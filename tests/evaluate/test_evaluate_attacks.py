@@ -34,7 +34,7 @@ def test_our_pgd20_agrees_with_torchattacks(robust, random_start):
     model, x, y = robust["model"], robust["x"], robust["y"]
     n = len(x)
     assert n >= 500  # 1 percentage point = 5 images or more
-    rt = setup(RuntimeConfig(device="cpu", progress=False, threads=1), 0)
+    rt = setup(RuntimeConfig(device="cpu", progress=False, threads=1), 0, evaluation=True)  # fp32, as the stage
     attack = AttackConfig(eps=8 / 255, step_ratio=0.25, steps=20, random_start=random_start)
     clean = correct(model, x, y, rt, 256)
     ours = evaluate.pgd_correct(model, x, y, rt, 256, attack, seed=0) & clean

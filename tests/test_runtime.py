@@ -1,0 +1,151 @@
+"""amoc.runtime: what `auto` picks on each kind of machine (the CPU's bf16 capability
+faked both ways), that explicit settings win, and the one line each stage prints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amoc import cli, runtime
+from amoc.config import RuntimeConfig
+from amoc.distributed import Dist
+from amoc.runtime import FAKE_CPU_BF16, choose, cpu_bf16_support, setup
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """setup() sets torch's thread count for the process: give the next test its own."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_has(monkeypatch):
+    """cpu_has(answer): fake runtime.cpu_bf16_support ("AMX", "AVX512-BF16" or None)."""
+    monkeypatch.delenv(FAKE_CPU_BF16, raising=False)
+
+    def fake(answer):
+        monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: answer)
+    return fake
+
+
+def rc(**kw) -> RuntimeConfig:
+    return RuntimeConfig(device="cpu", progress=False, **kw)
+
+
+@pytest.mark.parametrize("unit", ["AMX", "AVX512-BF16"])
+def test_auto_on_a_cpu_with_native_bf16_is_bf16_and_channels_last(cpu_has, unit):
+    cpu_has(unit)
+    amp, why, cl, why_cl = choose(rc(), CPU)
+    assert amp is torch.bfloat16 and cl
+    assert why == f"auto: CPU has {unit}" and unit in why_cl
+
+
+def test_auto_on_a_cpu_without_is_fp32_contiguous(cpu_has):
+    cpu_has(None)
+    assert choose(rc(), CPU) == (None, "auto: CPU has no AMX or AVX512-BF16", False, "auto: fp32 on cpu")
+
+
+@pytest.mark.parametrize("unit", ["AMX", None])
+def test_explicit_settings_win(cpu_has, unit):
+    cpu_has(unit)
+    amp, why, cl, why_cl = choose(rc(precision="fp32"), CPU)
+    assert (amp, why, cl) == (None, "runtime.precision=fp32", False)  # fp32 on a CPU: contiguous
+    amp, why, cl, _ = choose(rc(precision="bf16"), CPU)
+    assert (amp, why, cl) == (torch.bfloat16, "runtime.precision=bf16", unit is not None)
+    for precision in ("auto", "fp32", "bf16"):
+        for layout in ("on", "off"):
+            _, _, cl, why_cl = choose(rc(precision=precision, channels_last=layout), CPU)
+            assert cl == (layout == "on") and why_cl == f"runtime.channels_last={layout}"
+
+
+@pytest.mark.parametrize("unit", ["AMX", None])
+def test_cuda_is_bf16_and_channels_last_whatever_the_cpu(cpu_has, unit):
+    cpu_has(unit)
+    assert choose(rc(), CUDA) == (torch.bfloat16, "auto: CUDA", True, "auto: CUDA")
+    assert choose(rc(precision="fp32"), CUDA)[:3] == (None, "runtime.precision=fp32", True)
+    assert choose(rc(channels_last="off"), CUDA)[:3] == (torch.bfloat16, "auto: CUDA", False)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
+def test_evaluation_is_always_fp32(cpu_has, device, precision):
+    cpu_has("AMX")
+    amp, why, cl, _ = choose(rc(precision=precision), device, evaluation=True)
+    assert amp is None and why == "evaluation always runs fp32"
+    assert cl == (device.type == "cuda")  # follows fp32: contiguous on a CPU
+
+
+def test_no_cuda_device_auto_means_the_cpu(cpu_has, monkeypatch):
+    cpu_has(None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rt = setup(RuntimeConfig(device="auto", progress=False), 0)
+    assert rt.device == CPU and rt.amp_dtype is None and not rt.channels_last
+    cpu_has("AMX")
+    rt = setup(RuntimeConfig(device="auto", progress=False), 0)
+    assert rt.device == CPU and rt.amp_dtype is torch.bfloat16 and rt.channels_last
+
+
+def test_capability_queries_missing_or_failing_mean_no(monkeypatch):
+    monkeypatch.delenv(FAKE_CPU_BF16, raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert cpu_bf16_support() is None  # an older torch without the queries
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: 1 / 0, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_bf16_support() == "AVX512-BF16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_bf16_support() == "AMX"
+
+
+def test_the_fake_environment_variable(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setenv(FAKE_CPU_BF16, "0")
+    assert cpu_bf16_support() is None
+    monkeypatch.setenv(FAKE_CPU_BF16, "1")
+    assert "AMX" in cpu_bf16_support()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert "faked" in cpu_bf16_support()
+
+
+def test_the_announcement_is_one_line_on_the_main_rank_only(cpu_has, capsys):
+    cpu_has("AMX")
+    setup(rc(threads=1), 0, stage="pretrain")
+    assert capsys.readouterr().out == ("amoc pretrain runtime: cpu, bf16 autocast (auto: CPU has AMX), "
+                                       "channels_last on (auto: bf16 on a CPU with AMX), 1 CPU thread\n")
+    setup(rc(threads=1), 0, stage="evaluate", evaluation=True)
+    assert capsys.readouterr().out == ("amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), "
+                                       "channels_last off (auto: fp32 on cpu), 1 CPU thread\n")
+    setup(rc(threads=1), 0)  # no stage: silent (benchmarks, tests)
+    setup(rc(threads=1), 0, Dist(rank=1, world=2), stage="probe")  # not the main rank
+    assert capsys.readouterr().out == ""
+
+
+def test_stages_announce_their_runtime(params, tmp_path, capsys, monkeypatch):
+    """End to end with the CPU faked to have AMX and `precision: auto` (the tiny preset pins
+    fp32): pretrain and finetune train in bf16 autocast with channels_last (which run on
+    any CPU, slowly) and say so, once each; evaluate says fp32."""
+    monkeypatch.setenv(FAKE_CPU_BF16, "1")
+    data, enc, clf, ev = (tmp_path / name for name in ("data", "pretrain", "finetune", "eval"))
+    common = ["--params", str(params)] + [a for s in ("runtime.precision=auto", "runtime.device=cpu", "pretrain.epochs=1",
+                                                      "data.train_limit=256", "data.test_limit=64", "finetune.epochs=1",
+                                                      "variant=ACA", "evaluate.autoattack=false")
+                                          for a in ("--set", s)]
+    assert cli.main(["download", *common, "--out", str(data)]) == 0
+    capsys.readouterr()
+    assert cli.main(["pretrain", *common, "--data", str(data), "--out", str(enc)]) == 0
+    assert cli.main(["finetune", *common, "--init", str(enc / "encoder.pt"), "--data", str(data), "--out", str(clf)]) == 0
+    assert cli.main(["evaluate", *common, "--model", str(clf / "classifier.pt"), "--data", str(data), "--out", str(ev)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " runtime: " in ln]
+    amx = "AMX, faked by AMOC_FAKE_CPU_BF16"
+    train = f"cpu, bf16 autocast (auto: CPU has {amx}), channels_last on (auto: bf16 on a CPU with {amx}), 1 CPU thread"
+    assert lines == [f"amoc pretrain runtime: {train}", f"amoc finetune runtime: {train}",
+                     "amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), channels_last off (auto: fp32 on cpu), "
+                     "1 CPU thread"]
+    assert json.loads((enc / "metrics.json").read_text())["epochs"] == 1
+    assert json.loads((ev / "eval.json").read_text())["settings"]["precision"] == "fp32"
