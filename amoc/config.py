@@ -97,6 +97,8 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and AMX/AVX512-BF16 CPUs (amoc.runtime)
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA and for bf16 on such a CPU
+    # training-time attacks (contrastive PGD, PGD-10 / TRADES): the training precision, or fp32 / bf16
+    attack_precision: Literal["same", "fp32", "bf16"] = "same"
     compile: bool = False
     threads: int = spec(0, lo=0, doc="CPU threads (0 = torch default)")
     progress: bool = True

@@ -33,12 +33,15 @@ class Runtime:
     compile: bool
     why_precision: str = ""      # e.g. "auto: CPU has AMX"
     why_channels_last: str = ""
+    attack_amp_dtype: torch.dtype | None = None  # training-time attacks (runtime.attack_precision)
 
     def describe(self) -> str:
         """One line: device, precision (and why), channels_last (and why), threads."""
         names = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
         precision = names.get(self.amp_dtype, f"{self.amp_dtype} autocast")
         threads = torch.get_num_threads()
+        if self.attack_amp_dtype != self.amp_dtype:
+            precision += f", attacks {names.get(self.attack_amp_dtype, self.attack_amp_dtype)}"
         return (f"{self.device}, {precision} ({self.why_precision}), channels_last "
                 f"{'on' if self.channels_last else 'off'} ({self.why_channels_last}), "
                 f"{threads} CPU thread{'s' if threads != 1 else ''}")
@@ -47,6 +50,12 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def attack_autocast(self) -> contextlib.AbstractContextManager:
+        """The precision of training-time attacks (runtime.attack_precision)."""
+        if self.attack_amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.attack_amp_dtype)
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """Move a module to the device (and memory format) this run uses."""
@@ -133,7 +142,7 @@ def setup(cfg: RuntimeConfig, seed: int, dist: Dist = Dist(), *, stage: str | No
           evaluation: bool = False) -> Runtime:
     """Seed every RNG, set threads, pick device and precision. In a multi-process CUDA
     run each rank takes the GPU of its local rank (`runtime.device: auto` or `cuda`).
-    `evaluation`: always fp32. `stage`: print what was chosen, one line, on the main rank
+    `evaluation`: always fp32, TF32 off on CUDA. `stage`: print what was chosen, one line, on the main rank
     (`amoc <stage> runtime: ...`)."""
     device = resolve_device(cfg.device)
     if dist.active and device.type == "cuda" and device.index is None:
@@ -144,11 +153,13 @@ def setup(cfg: RuntimeConfig, seed: int, dist: Dist = Dist(), *, stage: str | No
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 speeds up fp32 training; evaluation keeps full fp32 (its numbers say fp32)
+        torch.backends.cuda.matmul.allow_tf32 = not evaluation
+        torch.backends.cudnn.allow_tf32 = not evaluation
     amp, why_amp, channels_last, why_cl = choose(cfg, device, evaluation=evaluation)
+    attack_amp = {"same": amp, "fp32": None, "bf16": torch.bfloat16}[cfg.attack_precision] if not evaluation else None
     rt = Runtime(device=device, amp_dtype=amp, channels_last=channels_last, progress=cfg.progress,
-                 compile=cfg.compile, why_precision=why_amp, why_channels_last=why_cl)
+                 compile=cfg.compile, why_precision=why_amp, why_channels_last=why_cl, attack_amp_dtype=attack_amp)
     if stage is not None and dist.main:
         print(f"amoc {stage} runtime: {rt.describe()}", flush=True)
     return rt

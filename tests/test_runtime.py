@@ -147,5 +147,53 @@ def test_stages_announce_their_runtime(params, tmp_path, capsys, monkeypatch):
     assert lines == [f"amoc pretrain runtime: {train}", f"amoc finetune runtime: {train}",
                      "amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), channels_last off (auto: fp32 on cpu), "
                      "1 CPU thread"]
-    assert json.loads((enc / "metrics.json").read_text())["epochs"] == 1
-    assert json.loads((ev / "eval.json").read_text())["settings"]["precision"] == "fp32"
+    assert json.loads((enc / "summary.json").read_text())["epochs"] == 1
+    assert json.loads((ev / "eval.json").read_text())["settings"]["precision"] == "fp32, TF32 off"
+
+
+@pytest.fixture
+def tf32_flags():
+    """Leave the process's TF32 switches as they were."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_evaluation_turns_tf32_off_and_training_on(monkeypatch, tf32_flags):
+    """On CUDA, training stages may use TF32; evaluation stages run in full fp32, as their
+    outputs say (the switches are process-wide; every stage is its own process)."""
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: CUDA)
+    cfg = RuntimeConfig(device="cuda", progress=False)
+    setup(cfg, 0)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    rt = setup(cfg, 0, evaluation=True)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert rt.amp_dtype is None and rt.attack_amp_dtype is None
+
+
+@pytest.mark.parametrize("precision,attack,expected", [
+    ("fp32", "same", None), ("bf16", "same", torch.bfloat16), ("bf16", "fp32", None), ("fp32", "bf16", torch.bfloat16)])
+def test_attack_precision(precision, attack, expected):
+    rt = setup(rc(precision=precision, attack_precision=attack), 0)
+    assert rt.attack_amp_dtype == expected
+    with rt.attack_autocast():
+        assert torch.is_autocast_enabled("cpu") == (expected is not None)
+    assert ("attacks" in rt.describe()) == (rt.attack_amp_dtype != rt.amp_dtype)
+
+
+def test_training_attacks_run_in_the_attack_precision_and_the_update_in_the_training_one():
+    """A PGD-AT step with fp32 training and bf16 attacks: every forward inside the attack
+    runs under bf16 autocast, the trained forward without."""
+    from amoc.config import AttackConfig
+    from amoc.downstream.trainer import TrainSpec, loss_step
+    from amoc.nets import build_encoder
+    from amoc.nets.classifier import Classifier
+
+    model = Classifier(build_encoder(width=0.0625), 4)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    spec = TrainSpec(loss="pgd_at", epochs=1, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, milestones=(),
+                     lr_gamma=0.1, beta=6.0, trades_start="uniform", attack=AttackConfig(steps=2), val_images=0)
+    rt = setup(rc(precision="fp32", attack_precision="bf16"), 0)
+    loss_step(model, spec, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), rt, torch.Generator())
+    assert seen == [True, True, False]  # 2 PGD steps, then the training forward

@@ -117,7 +117,7 @@ def loss_step(model: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tenso
         with rt.autocast():
             (logits,) = forwards(x)
         return F.cross_entropy(logits.float(), y), logits, None
-    with eval_mode(model), rt.autocast():  # attacks use running BN statistics
+    with eval_mode(model), rt.attack_autocast():  # attacks use running BN statistics
         if spec.loss == "trades":
             x_adv = trades_attack(model, x, spec.attack, generator, shard=shard, start=spec.trades_start)
         else:
@@ -336,7 +336,7 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     data_digest = file_digest(Path(data) / "train.npz")
     # what the run computes (not where or how fast): a resume must match all of it
     fp = fingerprint(provenance, dataclasses.asdict(spec), cfg.seed, data_digest, model.bn_branch,
-                     model.num_classes, str(rt.amp_dtype), rt.compile, cfg.distributed.bn)
+                     model.num_classes, str(rt.amp_dtype), str(rt.attack_amp_dtype), rt.compile, cfg.distributed.bn)
     job = ClassifierTraining(model, trainable, spec, x[train_idx], y[train_idx], rt, out, seed=cfg.seed,
                              fingerprint=fp, train_mode=train_mode, desc=desc, val=val, dist=dist,
                              bn=cfg.distributed.bn)

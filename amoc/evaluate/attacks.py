@@ -161,7 +161,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             "settings": {
                 "model": str(args.model), "data": str(args.data), "seed": cfg.seed,
                 "trained_by": {k: provenance.get(k) for k in ("stage", "mode", "init")},
-                "bn_branch": model.bn_branch, "device": str(rt.device), "precision": "fp32", "batch_size": bs,
+                "bn_branch": model.bn_branch, "device": str(rt.device), "precision": "fp32, TF32 off", "batch_size": bs,
                 "robust_counts_clean_errors": True,
                 "clean": {"n_images": n},
                 "pgd": _attack_settings(e.pgd, n),

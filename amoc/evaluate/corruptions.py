@@ -91,6 +91,7 @@ def run(cfg: Config, args: Any) -> int:
             "dataset": cset.info.get("dataset"),
             "note": cset.info.get("note"),
             "n_images": cset.n_images,
+            "precision": "fp32, TF32 off",
             "names": cset.names,
             "severities": cset.severities,
             "metrics": {

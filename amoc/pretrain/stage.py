@@ -86,7 +86,7 @@ def run_fingerprint(cfg: Config, rt: Runtime, stats: dict[str, Any]) -> str:
     """Everything that changes the numbers a resumed run would produce."""
     pretrain = {k: v for k, v in to_dict(cfg.pretrain).items() if k != "checkpoint_every"}
     return fingerprint(cfg.variant, cfg.queue_size, cfg.queue_size_adv, cfg.leverage, cfg.seed,
-                       to_dict(cfg.model), pretrain, stats, rt.device.type, str(rt.amp_dtype),
+                       to_dict(cfg.model), pretrain, stats, rt.device.type, str(rt.amp_dtype), str(rt.attack_amp_dtype),
                        rt.channels_last, rt.compile, to_dict(cfg.distributed))
 
 
@@ -145,7 +145,7 @@ class Pretraining(Job):
         if rt.compile:
             model.query.compile()
             model.key.compile()
-        attack = ContrastiveAttack(model, self.variant, p.attack, autocast=rt.autocast, dist=dist)
+        attack = ContrastiveAttack(model, self.variant, p.attack, autocast=rt.attack_autocast, dist=dist)
         # An unused parameter (the query's adv BN when no query is adversarial) must be
         # declared to DDP, or it waits for its gradient forever.
         query_pass = dist.wrap(QueryPass(model), find_unused_parameters=not self.variant.adv_query)

@@ -120,7 +120,7 @@ def run(cfg: Config, args: Any) -> int:
                        "step_size": t.attack.step_size, "step_255": round(t.attack.step_size * 255, 4),
                        "steps": t.attack.steps, "random_start": t.attack.random_start, "restarts": 1,
                        "objective": "cross-entropy", "implementation": "amoc.attacks.pgd_linf",
-                       "seed": cfg.seed, "batch_size": bs},
+                       "seed": cfg.seed, "batch_size": bs, "precision": "fp32, TF32 off"},
             "n_images": n,
             "sources": sources,
             "targets": everyone,

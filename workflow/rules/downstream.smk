@@ -14,7 +14,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
     wildcard_constraints:
         mode="slf|alf",
     params:
-        **cfg("seed", "probe", "distributed", "runtime.precision"),
+        **cfg("seed", "probe", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,
     log:
         "logs/probe_{mode}.log",
@@ -38,7 +38,7 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
         "runs/aff/summary.json",
         "runs/aff/log.csv",
     params:
-        **cfg("seed", "finetune", "distributed", "runtime.precision"),
+        **cfg("seed", "finetune", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,  # no `model`: encoder.pt carries it
     log:
         "logs/finetune_aff.log",
@@ -61,7 +61,7 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
         "runs/scratch/summary.json",
         "runs/scratch/log.csv",
     params:
-        **cfg("seed", "finetune", "model.arch", "model.width", "distributed", "runtime.precision"),
+        **cfg("seed", "finetune", "model.arch", "model.width", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,
     log:
         "logs/finetune_scratch.log",

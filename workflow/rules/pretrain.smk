@@ -11,7 +11,7 @@ rule pretrain:
         "runs/pretrain/summary.json",
         "runs/pretrain/log.csv",
     params:
-        **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "distributed", "runtime.precision"),
+        **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,
     log:
         "logs/pretrain.log",
