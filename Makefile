@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-readme test bench clean
+.PHONY: setup demo demo-readme study test bench clean
 
 $(BIN)/amoc: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(BIN)/amoc
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/demo.sh
 
+# The evidence study of docs/results.md (about 90 minutes on 2 CPU cores; needs the CIFAR-10 subset).
+study: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study.sh
+
 # Put the numbers of the last `make demo` into the README (between its demo markers).
 demo-readme:
 	$(BIN)/python workflow/demo_block.py --install demo/readme-block.md README.md
@@ -30,4 +34,4 @@ bench: setup
 	$(BIN)/python benchmarks/augment.py
 
 clean:
-	rm -rf demo .snakemake .pytest_cache
+	rm -rf demo study .snakemake .pytest_cache

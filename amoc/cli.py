@@ -115,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     target, _, _ = STAGES[args.stage]
     try:
-        cfg = config_mod.load(args.params, args.overrides)
+        preset = None
+        if getattr(args, "preset", None):  # `amoc params --preset NAME`: the preset, then --set on top
+            from amoc.presets import overrides as preset_overrides
+            preset = preset_overrides(args.preset)
+        cfg = config_mod.load(args.params, args.overrides, preset=preset)
         module_name, func_name = target.split(":")
         module = importlib.import_module(module_name)
         result = getattr(module, func_name)(cfg, args)

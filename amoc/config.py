@@ -450,9 +450,20 @@ def read_params_file(path: str | os.PathLike) -> dict:
     return raw
 
 
-def load(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> Config:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra`'s entries on top of `base`, section by section (a preset on a params file)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None,
+         preset: dict | None = None) -> Config:
+    """The params file, then `preset` (a partial params document) on top, then the
+    --set `overrides` on top of both, validated once."""
     try:
-        raw = apply_overrides(read_params_file(path), overrides or [])
+        raw = apply_overrides(merge(read_params_file(path), preset or {}), overrides or [])
         return from_dict(raw)
     except RecursionError:  # `a: &x [*x]` or thousands of nested brackets
         raise ConfigError(f"{path}: nested too deeply or refers to itself (YAML anchors); write plain values") from None

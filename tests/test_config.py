@@ -72,6 +72,14 @@ def test_presets_validate(preset, tmp_path):
     assert isinstance(config.load(out), config.Config)
 
 
+def test_set_wins_over_the_preset(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "tiny", "--set", "pretrain.epochs=7",
+                     "--set", "seed=3", "--out", str(out)]) == 0
+    cfg = config.load(out)
+    assert (cfg.pretrain.epochs, cfg.seed, cfg.data.name) == (7, 3, "digits")  # the rest is the preset's
+
+
 def test_defaults_follow_the_authors_recipe_and_the_table_preset_their_early_table(tmp_path):
     """params.yaml: the authors' later TRADES recipe, their enqueue order, blur and TRADES
     start; `authors-table`: the PGD-AT protocol behind their early table."""

@@ -20,20 +20,11 @@ def overrides(name: str) -> dict:
     return yaml.safe_load(resources.files(__name__).joinpath(f"{name}.yaml").read_text()) or {}
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run(cfg: config_mod.Config, args) -> int:
     """`amoc params`: print (or write) a complete, validated params document."""
     from amoc import io
 
-    raw = config_mod.to_dict(cfg)
-    if args.preset:
-        raw = config_mod.to_dict(config_mod.from_dict(merge(raw, overrides(args.preset))))
+    raw = config_mod.to_dict(cfg)  # the cli applied the preset (if any) under the --set overrides
     text = yaml.safe_dump(raw, sort_keys=False)
     if args.out == "-":
         sys.stdout.write(text)
