@@ -1,4 +1,4 @@
-"""`amoc corruptions`: the corrupted test set, in the CIFAR-10-C layout (see layout.py).
+"""`amoc corruptions`: the corrupted test set, in the CIFAR-10-C layout (amoc/data/corrupted.py).
 
 - corruptions.source=generate: the first corruptions.n_images images of the prepared
   test split (--data), corrupted by amoc.robustness.corrupt with every name and
