@@ -4,8 +4,12 @@
 natively: on CUDA, and on a CPU with AMX or AVX512-BF16 (oneDNN runs the convolutions
 there; measured about 2x faster than fp32 on such a Xeon, 3x with channels_last); fp32
 everywhere else, since bf16 emulated in AVX2 is slower than fp32. `channels_last: auto`
-follows it: on for CUDA and for bf16 on such a CPU, off for a CPU otherwise (fp32
-channels_last measured no faster on a CPU without them: benchmarks/README.md).
+follows it: on for CUDA and for bf16 on such a CPU, off for fp32 on a CPU. fp32
+channels_last measured 1.08-1.28x faster on an AVX2 EPYC at widths 0.25-1, but oneDNN's
+fp32 1x1 stride-2 convolution backward-weights kernel for NHWC inputs is broken when the
+input has fewer channels than its SIMD block (uxlfoundation/oneDNN#6035, open): it
+crashes here (the downsample of a width-0.0625 ResNet-18) and gives wrong weight
+gradients on AVX-512 CPUs under width 0.25, so it stays opt-in (benchmarks/README.md).
 Evaluation stages always run fp32 (reduced precision can hide gradients from an attack).
 """
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Benchmark: PGD-20 and AutoAttack throughput of `amoc evaluate` (images/s).
 
     .venv/bin/python benchmarks/evaluate.py [--data DIR] [--width 1] [--images 256]
-        [--aa-images N] [--batch 500] [--device cpu|cuda] [--pgd-steps 20] [--aa-steps 100]
-        [--repeats 3] [--warmup 1] [--aa-repeats 1] [--threads N] [--labels predicted|data]
-        [--no-autoattack]
+        [--aa-images N] [--batch 500] [--device cpu|cuda] [--channels-last auto|on|off]
+        [--pgd-steps 20] [--aa-steps 100] [--repeats 3] [--warmup 1] [--aa-repeats 1]
+        [--threads N] [--labels predicted|data] [--no-autoattack] [--no-baseline]
 
 Prints ``name: value unit`` lines. Both attacks run through amoc.evaluate.attacks's
 own entry points, with the settings `amoc evaluate` uses: pgd_correct (L-inf PGD on
@@ -11,10 +11,15 @@ the cross-entropy, eps 8/255, step eps/4, random start, `--pgd-steps` steps) and
 autoattack_correct (torchattacks' standard AutoAttack, APGD-CE / APGD-T / FAB-T with
 `--aa-steps` iterations, default amoc.attacks.autoattack.AUTOATTACK_STEPS, Square 5000 queries), in
 eval mode on the adversarial BN branch, fp32, batched by `--batch`, on a device set up
-by runtime.setup as the stage does it (channels_last on CUDA). Timings include the
-uint8 -> float conversion and the final classification, as in the stage. Each figure is
-the median of its repeats after `warmup` untimed PGD runs; on CUDA every run is
-bracketed by torch.cuda.synchronize().
+by runtime.setup as the stage does it (evaluation is always fp32; `--channels-last auto`
+means on for CUDA, off for a CPU). Timings include the uint8 -> float conversion and the
+final classification, as in the stage. Each figure is the median of its repeats after
+`warmup` untimed PGD runs; on CUDA every run is bracketed by torch.cuda.synchronize().
+Unless `--no-baseline`, PGD is also timed on a copy of the model in fp32 eager
+contiguous (NCHW), alternately with the runtime's PGD run by run, and
+`pgd<N>_speedup_vs_fp32` is their ratio from this one run (about 1 where the runtime is
+fp32 contiguous itself, as on a CPU: the noise of the measurement). AutoAttack is timed
+under the runtime only.
 
 The classifier is a randomly initialised amoc Classifier (ResNet-18 of `--width`); its
 linear head, which the Classifier zero-initialises, is re-drawn with nn.Linear's
@@ -37,6 +42,7 @@ predicted``) the labels are the model's own clean predictions: every image is th
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aa-images", type=int, default=0, help="images for AutoAttack (0 = --images)")
     ap.add_argument("--batch", type=int, default=500, help="evaluate.batch_size")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="runtime.channels_last")
+    ap.add_argument("--no-baseline", action="store_true", help="skip PGD in fp32 eager contiguous")
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--aa-steps", type=int, default=aa_mod.AUTOATTACK_STEPS, help="APGD/FAB iterations")
     ap.add_argument("--repeats", type=int, default=3, help="timed PGD runs")
@@ -92,11 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    rt = setup(RuntimeConfig(device=args.device, threads=args.threads, progress=False), args.seed)
+    def runtime(channels_last: str):
+        return setup(RuntimeConfig(device=args.device, precision="fp32", channels_last=channels_last,
+                                   threads=args.threads, progress=False), args.seed, evaluation=True)
+
+    rt = runtime(args.channels_last)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     model = Classifier(build_encoder("resnet18", args.width), args.classes)
     model.head.reset_parameters()  # a zero head has no input gradient: see the docstring
+    base_model = None if args.no_baseline else copy.deepcopy(model)  # Module.to() works in place
     model = rt.prepare(model).eval().requires_grad_(False)  # as the stage does
+    if base_model is not None:
+        base_rt = runtime("off")
+        base_model = base_rt.prepare(base_model).eval().requires_grad_(False)
     x, y = load_test(args.data, args.images, args.seed, args.classes)
     if args.labels == "predicted":
         with torch.no_grad():
@@ -115,9 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     clean = correct(model, x, y, rt, args.batch)
     run_pgd = lambda: ev.pgd_correct(model, x, y, rt, args.batch, pgd_cfg, args.seed) & clean  # noqa: E731
+    run_base = lambda: ev.pgd_correct(base_model, x, y, base_rt, args.batch, pgd_cfg, args.seed) & clean  # noqa: E731
     for _ in range(args.warmup):
         run_pgd()
-    pgd_runs = [timed(run_pgd) for _ in range(args.repeats)]
+        if base_model is not None:
+            run_base()
+    pgd_runs, base_runs = [], []
+    for _ in range(args.repeats):  # alternately: both see the same machine state
+        pgd_runs.append(timed(run_pgd))
+        if base_model is not None:
+            base_runs.append(timed(run_base))
     pgd = pgd_runs[-1][0]
     pgd_s = statistics.median(r[1] for r in pgd_runs)
     pgd_cpu = statistics.median(r[2] for r in pgd_runs)
@@ -145,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pgd{args.pgd_steps}_images_per_s: {args.images / pgd_s:.2f} images/s")
     if rt.device.type == "cpu":
         print(f"pgd{args.pgd_steps}_images_per_cpu_s: {args.images / pgd_cpu:.2f} images/s")
+    if base_runs:
+        base_s = statistics.median(r[1] for r in base_runs)
+        print(f"pgd{args.pgd_steps}_fp32_contiguous_images_per_s: {args.images / base_s:.2f} images/s")
+        print(f"pgd{args.pgd_steps}_speedup_vs_fp32: {base_s / pgd_s:.2f} x")
+        if rt.device.type == "cpu":
+            print(f"pgd{args.pgd_steps}_speedup_vs_fp32_cpu_time: "
+                  f"{statistics.median(r[2] for r in base_runs) / pgd_cpu:.2f} x")
     if aa_runs:
         aa, worst = aa_runs[-1][0]
         aa_s = statistics.median(r[1] for r in aa_runs)

@@ -1,11 +1,13 @@
 """Benchmark: a slice of AMOC pre-training through a straightforward reference pipeline
 (per-image PIL augmentation in a torch DataLoader, fp32, eager) vs the path `amoc
 pretrain` runs (uint8 dataset resident on the device, batched SimCLRAugment, bf16
-autocast and channels_last where runtime.setup turns them on, i.e. on CUDA).
+autocast and channels_last where runtime.setup turns them on: on CUDA and on a CPU with
+AMX or AVX512-BF16).
 
     .venv/bin/python benchmarks/naive_baseline.py [--data DIR|DIR/train.npz] [--variant ACA]
-        [--batch 256] [--width 1] [--device cpu|cuda] [--steps 3] [--pgd-steps 5]
-        [--workers 0] [--repeats 3] [--warmup 1] [--threads N] [--naive-attack]
+        [--batch 256] [--width 1] [--device cpu|cuda] [--precision auto|fp32|bf16]
+        [--channels-last auto|on|off] [--steps 3] [--pgd-steps 5] [--workers 0]
+        [--repeats 3] [--warmup 1] [--threads N] [--naive-attack] [--no-naive] [--no-fp32]
 
 Prints ``name: value unit`` lines; "images/s" counts source images (each gives a query
 and a key view) per second of wall clock, over `steps` training iterations including
@@ -28,16 +30,21 @@ What is compared (the reading chosen so that the comparison is honest):
   per batch; fp32, contiguous (NCHW) layout, no autocast, no compile.
 - Our side: exactly the `Pretraining.train_epoch` loop body: index the device-resident
   uint8 tensor with an epoch permutation, SimCLRAugment twice with the run's device
-  generator, rt.images (channels_last on CUDA), TrainStep under rt.autocast (bf16 on
-  CUDA, fp32 on the CPU).
+  generator, rt.images, TrainStep under rt.autocast, with the runtime `--precision` and
+  `--channels-last` resolve to (both `auto` by default, as `amoc pretrain`).
+- Our path in fp32, eager, contiguous (unless ``--no-fp32``): the same loop on a third
+  model, so that ``runtime_speedup`` (ours / ours in fp32 contiguous, measured in this
+  run) is what the runtime's precision and memory format buy, apart from the input
+  pipeline. Where the runtime resolves to fp32 contiguous itself (a CPU without AMX or
+  AVX512-BF16) it is about 1 and tells the noise of the measurement.
 - ``--naive-attack`` additionally makes the reference side's PGD call loss.backward()
   (accumulating weight gradients of the query net and reading x_adv.grad) instead of
   autograd.grad to the input, as code adapted from a supervised-training loop often
   does. It is off by default, because our attack is not what this benchmark is about;
   turn it on to see the cost of that habit on top.
 
-On the CPU runtime.setup chooses fp32 without channels_last, so there the two sides
-differ only in the input pipeline, and at ResNet-18 sizes the step dominates (see
+On a CPU without AMX or AVX512-BF16 runtime.setup chooses fp32 without channels_last,
+so there ours and the reference differ only in the input pipeline, and at ResNet-18 sizes the step dominates (see
 benchmarks/README.md: data loading is negligible on the CPU); the interesting figure is
 on CUDA, where the step is fast enough that a PIL loader becomes the bottleneck.
 On CUDA every slice is bracketed by torch.cuda.synchronize().
@@ -143,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--width", type=float, default=1.0, help="ResNet-18 channel multiplier (1 = paper)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="runtime.precision of ours")
+    ap.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                    help="runtime.channels_last of ours")
     ap.add_argument("--queue", type=int, default=32768, help="queue_size (K1 = K2)")
     ap.add_argument("--steps", type=int, default=3, help="training iterations per timed slice")
     ap.add_argument("--pgd-steps", type=int, default=5, help="PGD steps of the contrastive attack")
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations per side first")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--naive-attack", action="store_true", help="reference PGD uses loss.backward() (see docstring)")
-    ap.add_argument("--no-naive", action="store_true", help="time our path only")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    ap.add_argument("--no-fp32", action="store_true", help="skip our path in fp32 eager contiguous")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, run N iterations of each side under torch.profiler and print where the time goes")
@@ -181,29 +192,40 @@ def main(argv: list[str] | None = None) -> int:
         return TrainStep(model, v, optimizer, attack, leverage=cfg.leverage, enqueue_order=cfg.pretrain.enqueue_order,
                          autocast=rt.autocast)
 
+    def our_path(cfg, rt):
+        """(iteration, step) of `amoc pretrain`'s loop body under the runtime `rt`."""
+        step = build(cfg, rt, False)
+        train_x = torch.from_numpy(x_np).to(rt.device)  # resident uint8
+        augment = SimCLRAugment(cfg.pretrain.augment, size=train_x.shape[-1])
+        generator = rt.generator(cfg.seed)
+        n_batches = len(train_x) // args.batch
+        state = {"epoch": 0, "pos": 0, "order": epoch_order(cfg.seed, 0, len(train_x)).to(rt.device)}
+
+        def iteration() -> None:
+            s = state
+            if s["pos"] == n_batches:
+                s["epoch"] += 1
+                s["pos"] = 0
+                s["order"] = epoch_order(cfg.seed, s["epoch"], len(train_x)).to(rt.device)
+            with record_function("phase:data+augment"):
+                images = train_x[s["order"][s["pos"] * args.batch:(s["pos"] + 1) * args.batch]]
+                x_query = rt.images(augment(images, generator=generator))
+                x_key = rt.images(augment(images, generator=generator))
+            step(x_query, x_key, generator)
+            s["pos"] += 1
+        return iteration, step
+
+    # ------------------------------------------------------------------ ours in fp32, eager, contiguous
+    fp32_iter: Callable[[], None] | None = None
+    if not args.no_fp32:
+        fcfg = make_cfg("fp32", "off")
+        fp32_iter, _ = our_path(fcfg, setup(fcfg.runtime, fcfg.seed))
+
     # ------------------------------------------------------------------ ours: as `amoc pretrain`
-    cfg = make_cfg("auto", "auto")
+    cfg = make_cfg(args.precision, args.channels_last)
     rt = setup(cfg.runtime, cfg.seed)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-    step_ours = build(cfg, rt, False)
-    train_x = torch.from_numpy(x_np).to(rt.device)  # resident uint8
-    augment = SimCLRAugment(cfg.pretrain.augment, size=train_x.shape[-1])
-    generator = rt.generator(cfg.seed)
-    n_batches = len(train_x) // args.batch
-    ours_state = {"epoch": 0, "pos": 0, "order": epoch_order(cfg.seed, 0, len(train_x)).to(rt.device)}
-
-    def ours_iter() -> None:
-        s = ours_state
-        if s["pos"] == n_batches:
-            s["epoch"] += 1
-            s["pos"] = 0
-            s["order"] = epoch_order(cfg.seed, s["epoch"], len(train_x)).to(rt.device)
-        with record_function("phase:data+augment"):
-            images = train_x[s["order"][s["pos"] * args.batch:(s["pos"] + 1) * args.batch]]
-            x_query = rt.images(augment(images, generator=generator))
-            x_key = rt.images(augment(images, generator=generator))
-        step_ours(x_query, x_key, generator)
-        s["pos"] += 1
+    ours_iter, step_ours = our_path(cfg, rt)
 
     # ------------------------------------------------------------------ reference: PIL DataLoader, fp32
     naive_iter: Callable[[], None] | None = None
@@ -241,12 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     for _ in range(args.warmup):
         ours_iter()
+        if fp32_iter is not None:
+            fp32_iter()
         if naive_iter is not None:
             naive_iter()
     sync()
-    t_ours, t_naive = [], []
-    for _ in range(args.repeats):  # interleaved: both sides see the same machine state
+    t_ours, t_fp32, t_naive = [], [], []
+    for _ in range(args.repeats):  # interleaved: every side sees the same machine state
         t_ours.append(slice_time(ours_iter))
+        if fp32_iter is not None:
+            t_fp32.append(slice_time(fp32_iter))
         if naive_iter is not None:
             t_naive.append(slice_time(naive_iter))
     load1 = os.getloadavg()[0]
@@ -263,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours_precision: {rt.amp_dtype or 'fp32'} channels_last={rt.channels_last}")
     print(f"ours_slice_time: {med:.3f} s")
     print(f"ours_images_per_s: {images / med:.1f} images/s")
+    if t_fp32:
+        med_f = statistics.median(t for t, _ in t_fp32)
+        print("ours_fp32_precision: fp32 channels_last=False (eager)")
+        print(f"ours_fp32_slice_time: {med_f:.3f} s")
+        print(f"ours_fp32_images_per_s: {images / med_f:.1f} images/s")
+        print(f"runtime_speedup: {med_f / med:.2f} x")
+        if rt.device.type == "cpu":
+            print(f"runtime_speedup_cpu_seconds: "
+                  f"{statistics.median(c for _, c in t_fp32) / statistics.median(c for _, c in t_ours):.2f} x")
     if t_naive:
         med_n = statistics.median(t for t, _ in t_naive)
         print(f"naive_precision: fp32 channels_last=False")
