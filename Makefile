@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-readme study test bench clean
+.PHONY: setup demo demo-readme study lint test bench clean
 
 $(BIN)/amoc: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ study: setup
 # Put the numbers of the last `make demo` into the README (between its demo markers).
 demo-readme:
 	$(BIN)/python workflow/demo_block.py --install demo/readme-block.md README.md
+
+# ruff: formatting and lint (pyproject.toml); CI runs it before the tests.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

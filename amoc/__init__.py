@@ -1,4 +1,5 @@
 """AMOC: Adversarial Momentum-Contrastive pre-training, as a reproducible pipeline."""
+
 from __future__ import annotations
 
 from amoc.version import __version__

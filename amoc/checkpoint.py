@@ -1,5 +1,6 @@
 """Resumable training state: atomic epoch checkpoints with fallback to the previous
 good one, tagged with a fingerprint of the config that produced them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,11 @@ class CheckpointManager:
     def _all(self) -> list[tuple[tuple[int, int], str, Path]]:
         if not self.folder.is_dir():
             return []
-        found = [((int(m.group(1)), int(m.group(2))), m.group(3), p)
-                 for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
+        found = [
+            ((int(m.group(1)), int(m.group(2))), m.group(3), p)
+            for p in self.folder.iterdir()
+            if (m := _NAME.match(p.name))
+        ]
         return sorted(found, key=lambda t: t[0], reverse=True)
 
     def paths(self) -> list[Path]:
@@ -84,7 +88,7 @@ class CheckpointManager:
         for _, fp, old in self._all():
             if fp != self.fingerprint:
                 old.unlink(missing_ok=True)
-        for old in self.paths()[self.keep:]:
+        for old in self.paths()[self.keep :]:
             old.unlink(missing_ok=True)
         return path
 

@@ -3,6 +3,7 @@
 Every stage reads `--params` (default params.yaml) plus `--set key=value` overrides,
 validates them once into a typed Config, and only then touches the disk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,35 +22,60 @@ def _stage(name: str, target: str, help_text: str):
     def register(add_args: Callable[[argparse.ArgumentParser], None]):
         STAGES[name] = (target, help_text, add_args)
         return add_args
+
     return register
 
 
 @_stage("download", "amoc.data.stage:run", "fetch, verify and unpack a data set into compact uint8 arrays")
 def _download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="data/prepared", help="output folder: train.npz, test.npz, stats.json (default: %(default)s)")
+    p.add_argument(
+        "--out", default="data/prepared", help="output folder: train.npz, test.npz, stats.json (default: %(default)s)"
+    )
 
 
 @_stage("pretrain", "amoc.pretrain.stage:run", "AMOC pre-training of the query encoder (no labels)")
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", default="runs/pretrain", help="output folder: encoder.pt, checkpoints/, log.csv, metrics.json, summary.json (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT/checkpoints if its config matches")
+    p.add_argument(
+        "--out",
+        default="runs/pretrain",
+        help="output folder: encoder.pt, checkpoints/, log.csv, metrics.json, summary.json (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest good checkpoint in OUT/checkpoints if its config matches",
+    )
 
 
 @_stage("probe", "amoc.downstream.probe:run", "linear probing of a frozen encoder: SLF (clean) or ALF (adversarial)")
 def _probe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=("slf", "alf"), required=True, help="slf: cross-entropy on clean images; alf: TRADES / PGD-AT")
-    p.add_argument("--encoder", default="runs/pretrain/encoder.pt", help="encoder written by `amoc pretrain` (default: %(default)s)")
+    p.add_argument(
+        "--mode", choices=("slf", "alf"), required=True, help="slf: cross-entropy on clean images; alf: TRADES / PGD-AT"
+    )
+    p.add_argument(
+        "--encoder",
+        default="runs/pretrain/encoder.pt",
+        help="encoder written by `amoc pretrain` (default: %(default)s)",
+    )
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: classifier.pt, classifier_best.pt, log.csv, summary.json")
+    p.add_argument(
+        "--out", required=True, help="output folder: classifier.pt, classifier_best.pt, log.csv, summary.json"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
 
 
 @_stage("finetune", "amoc.downstream.finetune:run", "adversarial full fine-tuning (AFF), or the from-scratch baseline")
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", default="runs/pretrain/encoder.pt", help="encoder to start from, or 'scratch' for a random init (default: %(default)s)")
+    p.add_argument(
+        "--init",
+        default="runs/pretrain/encoder.pt",
+        help="encoder to start from, or 'scratch' for a random init (default: %(default)s)",
+    )
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: classifier.pt, classifier_best.pt, log.csv, summary.json")
+    p.add_argument(
+        "--out", required=True, help="output folder: classifier.pt, classifier_best.pt, log.csv, summary.json"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints if its config matches")
 
 
@@ -57,23 +83,50 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="classifier.pt written by `amoc probe` or `amoc finetune`")
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: metrics.json, eval.json, curve.csv (with --corruptions: metrics.json, corruptions.json, corruptions.csv, severity.csv)")
-    p.add_argument("--corruptions", default=None, metavar="DIR",
-                   help="instead of attacks, score accuracy on the corrupted test sets in DIR (written by `amoc corruptions`)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: metrics.json, eval.json, curve.csv (with --corruptions: metrics.json, "
+        "corruptions.json, corruptions.csv, severity.csv)",
+    )
+    p.add_argument(
+        "--corruptions",
+        default=None,
+        metavar="DIR",
+        help="instead of attacks, score accuracy on the corrupted test sets in DIR (written by `amoc corruptions`)",
+    )
 
 
-@_stage("corruptions", "amoc.robustness.corruptions:run", "CIFAR-10-C / CIFAR-100-C: fetch the official set, or generate an offline approximation")
+@_stage(
+    "corruptions",
+    "amoc.robustness.corruptions:run",
+    "CIFAR-10-C / CIFAR-100-C: fetch the official set, or generate an offline approximation",
+)
 def _corruptions_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", default="data/corrupted", help="output folder: <corruption>.npy, labels.npy, source.json (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="data/corrupted",
+        help="output folder: <corruption>.npy, labels.npy, source.json (default: %(default)s)",
+    )
 
 
-@_stage("transfer", "amoc.robustness.transfer:run", "black-box transfer: PGD examples from source models scored on every model")
+@_stage(
+    "transfer",
+    "amoc.robustness.transfer:run",
+    "black-box transfer: PGD examples from source models scored on every model",
+)
 def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default="runs", help="folder holding <model>/classifier.pt (default: %(default)s)")
-    p.add_argument("--models", nargs="+", default=["slf", "alf", "aff", "scratch"], help="target models (default: %(default)s)")
+    p.add_argument(
+        "--models", nargs="+", default=["slf", "alf", "aff", "scratch"], help="target models (default: %(default)s)"
+    )
     p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
-    p.add_argument("--out", default="runs/transfer", help="output folder: metrics.json, transfer.json, transfer.csv (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="runs/transfer",
+        help="output folder: metrics.json, transfer.json, transfer.csv (default: %(default)s)",
+    )
 
 
 @_stage("report", "amoc.report.stage:run", "collect every metrics file into a markdown table and seaborn figures")
@@ -90,6 +143,7 @@ def _params_args(p: argparse.ArgumentParser) -> None:
 
 def _preset_names() -> list[str]:
     from amoc.presets import available
+
     return available()
 
 
@@ -97,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amoc",
         description="Adversarial Momentum-Contrastive pre-training (AMOC): robust self-supervised "
-                    "encoders and their robustness evaluation. Each subcommand is one pipeline stage.",
+        "encoders and their robustness evaluation. Each subcommand is one pipeline stage.",
         epilog="Run `amoc STAGE --help` for a stage's options. Stages are chained by dvc.yaml / the Snakefile.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
@@ -105,8 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text, add_args) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a param, e.g. --set queue_size=4096 --set pretrain.epochs=5 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a param, e.g. --set queue_size=4096 --set pretrain.epochs=5 (repeatable)",
+        )
         add_args(p)
     return parser
 
@@ -118,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         preset = None
         if getattr(args, "preset", None):  # `amoc params --preset NAME`: the preset, then --set on top
             from amoc.presets import overrides as preset_overrides
+
             preset = preset_overrides(args.preset)
         cfg = config_mod.load(args.params, args.overrides, preset=preset)
         module_name, func_name = target.split(":")

@@ -7,6 +7,7 @@ the code reads attributes, never dicts. Every problem is reported as one
 Float fields also accept fractions written as strings (``eps: 8/255``), because
 attack budgets are conventionally given that way and YAML has no fraction type.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ VARIANT_ALIASES = {"ACA_PLUS": "ACA+", "ACAPLUS": "ACA+", "ACA-PLUS": "ACA+"}
 MAX_PARAMS_BYTES = 1 << 20  # a params file larger than 1 MiB is not a params file
 
 
-def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False, doc: str = "") -> Any:
+def spec(
+    default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False, doc: str = ""
+) -> Any:
     """A dataclass field with an allowed range, checked at load time."""
     meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
     if isinstance(default, (list, dict)):
@@ -43,6 +45,7 @@ def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
 @dataclass(frozen=True)
 class AttackConfig:
     """L-inf PGD; the step size is ``step_ratio * eps`` (the paper's 0.25 * eps)."""
+
     eps: float = spec(8 / 255, lo=0.0, hi=1.0)
     step_ratio: float = spec(0.25, lo=0.0, hi=1.0, lo_open=True)
     steps: int = spec(5, lo=0)
@@ -56,6 +59,7 @@ class AttackConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     """SimCLR-style views (docs/pretrain.md); every probability is per sample."""
+
     crop_scale: list[float] = spec([0.2, 1.0], lo=0.0, hi=1.0)
     crop_ratio: list[float] = spec([3 / 4, 4 / 3], lo=0.0, lo_open=True)
     flip_p: float = spec(0.5, lo=0.0, hi=1.0)
@@ -64,8 +68,12 @@ class AugmentConfig:
     gray_p: float = spec(0.2, lo=0.0, hi=1.0)
     blur_p: float = spec(0.5, lo=0.0, hi=1.0)
     blur_sigma: list[float] = spec([0.1, 2.0], lo=0.0, lo_open=True)
-    blur_kernel: int = spec(0, lo=0, doc="0 = PIL's GaussianBlur(radius=sigma), full support (the authors'); "
-                                         "odd k = torchvision's truncated GaussianBlur(k)")
+    blur_kernel: int = spec(
+        0,
+        lo=0,
+        doc="0 = PIL's GaussianBlur(radius=sigma), full support (the authors'); "
+        "odd k = torchvision's truncated GaussianBlur(k)",
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class DistributedConfig:
     """Multi-process runs (torchrun); batch sizes are always global batches."""
+
     bn: Literal["sync", "shuffle", "local"] = "sync"  # BN statistics across ranks (only when WORLD_SIZE > 1)
     lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x batch_size / reference_batch (Goyal et al.)
     reference_batch: int = spec(256, lo=1, doc="the batch size at which lr is the configured value")
@@ -133,6 +142,7 @@ class PretrainConfig:
 class DownstreamConfig:
     """What the classifier stages share: SGD with multi-step decay, the loss, TRADES' beta
     and the training-time attack (PGD-10)."""
+
     epochs: int = spec(25, lo=1)
     milestones: list[int] = spec([15, 20], lo=0)
     lr_gamma: float = spec(0.1, lo=0.0, hi=1.0, lo_open=True)
@@ -146,19 +156,25 @@ class DownstreamConfig:
     # LinfPGDKLDiv) or at x + 0.001 * N(0, 1) (the TRADES code)
     trades_start: Literal["uniform", "normal"] = "uniform"
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=10))
-    val_images: int = spec(1000, lo=0, doc="training images held out for per-epoch validation and the "
-                                           "best-epoch classifier (class-balanced, fixed by seed; 0 = off)")
+    val_images: int = spec(
+        1000,
+        lo=0,
+        doc="training images held out for per-epoch validation and the "
+        "best-epoch classifier (class-balanced, fixed by seed; 0 = off)",
+    )
 
 
 @dataclass(frozen=True)
 class ProbeConfig(DownstreamConfig):
     """SLF / ALF: 25 epochs, milestones 15 and 20; SLF has its own weight decay."""
+
     weight_decay_slf: float = spec(2e-4, lo=0.0)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig(DownstreamConfig):
     """AFF and the from-scratch baseline: 100 epochs, milestones 40 and 60."""
+
     epochs: int = spec(100, lo=1)
     milestones: list[int] = spec([40, 60], lo=0)
 
@@ -170,19 +186,35 @@ class EvaluateConfig:
     pgd: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20))
     autoattack: bool = True
     autoattack_images: int = spec(0, lo=0, doc="images for AutoAttack (0 = n_images)")
-    curve_eps: list[float] = spec([0, 1, 2, 4, 6, 8, 12, 16], lo=0.0, hi=255.0,
-                                  doc="robustness-curve budgets in units of 1/255")
+    curve_eps: list[float] = spec(
+        [0, 1, 2, 4, 6, 8, 12, 16], lo=0.0, hi=255.0, doc="robustness-curve budgets in units of 1/255"
+    )
 
 
-CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-               "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-               "elastic_transform", "pixelate", "jpeg_compression")
+CORRUPTIONS = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
 
 
 @dataclass(frozen=True)
 class CorruptionsConfig:
     """CIFAR-10-C / CIFAR-100-C. `generate` builds an offline approximation from the
     prepared test split (labelled as such, never reported as the official set)."""
+
     source: str = "generate"  # generate | official | an http(s)/file URL or path to a *-C .tar
     md5: str = ""
     sha256: str = ""
@@ -194,6 +226,7 @@ class CorruptionsConfig:
 @dataclass(frozen=True)
 class TransferConfig:
     """Black-box transfer: PGD examples crafted on a source model, scored on every target."""
+
     sources: list[str] = spec(["scratch"])
     n_images: int = spec(1000, lo=0, doc="test images (0 = all)")
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20))
@@ -260,6 +293,7 @@ def _check_range(key: str, value: float, meta: typing.Mapping[str, Any]) -> None
 class _Override:
     """A `--set` value: YAML-parsed, but text fields keep what was typed (an md5 of
     digits must not turn into a number)."""
+
     text: str
     parsed: Any
 
@@ -277,7 +311,9 @@ def _convert(key: str, tp: Any, value: Any, meta: typing.Mapping[str, Any]) -> A
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}: {_fmt(value)} is not allowed; choose one of {', '.join(map(str, allowed))}{hint}")
+            raise ConfigError(
+                f"{key}: {_fmt(value)} is not allowed; choose one of {', '.join(map(str, allowed))}{hint}"
+            )
         return value
     if origin in (list, typing.List):
         (item_tp,) = typing.get_args(tp)
@@ -335,42 +371,70 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _cross_checks(cfg: Config) -> Config:
-    variant = VARIANT_ALIASES.get(cfg.variant.upper(), cfg.variant.upper()) if isinstance(cfg.variant, str) else cfg.variant
+    variant = (
+        VARIANT_ALIASES.get(cfg.variant.upper(), cfg.variant.upper()) if isinstance(cfg.variant, str) else cfg.variant
+    )
     if variant not in VARIANTS:
         close = difflib.get_close_matches(str(cfg.variant).upper(), VARIANTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"variant: {_fmt(cfg.variant)} is not a variant; choose one of {', '.join(VARIANTS)} (ACA_PLUS = ACA+){hint}")
+        raise ConfigError(
+            f"variant: {_fmt(cfg.variant)} is not a variant; choose one of {', '.join(VARIANTS)} (ACA_PLUS = "
+            f"ACA+){hint}"
+        )
     cfg = dataclasses.replace(cfg, variant=variant)
     p = cfg.pretrain
     for name, size in (("queue_size", cfg.queue_size), ("pretrain.queue_size_adv", cfg.queue_size_adv)):
         if size < p.batch_size:
-            raise ConfigError(f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least one batch of keys (raise it or lower pretrain.batch_size)")
+            raise ConfigError(
+                f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least "
+                "one batch of keys (raise it or lower pretrain.batch_size)"
+            )
     if p.warmup_epochs > p.epochs:
-        raise ConfigError(f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the number of epochs")
+        raise ConfigError(
+            f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the "
+            "number of epochs"
+        )
     for name in ("crop_scale", "crop_ratio", "blur_sigma"):
         pair = getattr(p.augment, name)
         if len(pair) != 2 or pair[0] > pair[1]:
-            raise ConfigError(f"pretrain.augment.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high")
+            raise ConfigError(
+                f"pretrain.augment.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high"
+            )
     if len(p.augment.jitter) != 4:
-        raise ConfigError(f"pretrain.augment.jitter: {_fmt(p.augment.jitter)} needs 4 values: brightness, contrast, saturation, hue")
+        raise ConfigError(
+            f"pretrain.augment.jitter: {_fmt(p.augment.jitter)} needs 4 values: brightness, contrast, saturation, hue"
+        )
     if p.augment.jitter[3] > 0.5:
-        raise ConfigError(f"pretrain.augment.jitter[3]: {p.augment.jitter[3]:g} is out of range; hue jitter allowed [0, 0.5]")
+        raise ConfigError(
+            f"pretrain.augment.jitter[3]: {p.augment.jitter[3]:g} is out of range; hue jitter allowed [0, 0.5]"
+        )
     if p.augment.blur_kernel > 0 and p.augment.blur_kernel % 2 == 0:
-        raise ConfigError(f"pretrain.augment.blur_kernel: {p.augment.blur_kernel} is even; use 0 (PIL's full-support blur, the default) or an odd kernel size such as 3")
+        raise ConfigError(
+            f"pretrain.augment.blur_kernel: {p.augment.blur_kernel} is even; use 0 (PIL's full-support blur, "
+            "the default) or an odd kernel size such as 3"
+        )
     for section, stage in (("probe", cfg.probe), ("finetune", cfg.finetune)):
         ms = stage.milestones
         if list(ms) != sorted(ms) or any(m > stage.epochs for m in ms):
-            raise ConfigError(f"{section}.milestones: {_fmt(ms)} must be increasing epochs within 0..{section}.epochs={stage.epochs}")
+            raise ConfigError(
+                f"{section}.milestones: {_fmt(ms)} must be increasing epochs within 0..{section}.epochs={stage.epochs}"
+            )
     for section in ("data", "corruptions"):  # both take a checksum of a downloaded archive
         for digest, size, article in (("md5", 32, "an"), ("sha256", 64, "a")):
             value = getattr(getattr(cfg, section), digest)
             if value and (len(value) != size or any(c not in "0123456789abcdefABCDEF" for c in value)):
-                raise ConfigError(f"{section}.{digest}: {_fmt(value)} is not {article} {digest} digest; expected {size} hex characters")
+                raise ConfigError(
+                    f"{section}.{digest}: {_fmt(value)} is not {article} {digest} digest; expected {size} hex "
+                    "characters"
+                )
     for name in cfg.corruptions.names:
         if name not in CORRUPTIONS:
             close = difflib.get_close_matches(name, CORRUPTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"corruptions.names: {_fmt(name)} is not a standard corruption; choose from {', '.join(CORRUPTIONS)}{hint}")
+            raise ConfigError(
+                f"corruptions.names: {_fmt(name)} is not a standard corruption; choose from "
+                f"{', '.join(CORRUPTIONS)}{hint}"
+            )
     dev = cfg.runtime.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"runtime.device: {_fmt(dev)} is not a device; use auto, cpu, cuda or cuda:N")
@@ -431,7 +495,10 @@ def read_params_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: not a regular file; --params needs a YAML file")
     if path.stat().st_size > MAX_PARAMS_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a params file (limit {MAX_PARAMS_BYTES}); is it the right file?")
+        raise ConfigError(
+            f"{path}: {path.stat().st_size} bytes is too large for a params file (limit {MAX_PARAMS_BYTES}); is "
+            "it the right file?"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -458,8 +525,9 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None,
-         preset: dict | None = None) -> Config:
+def load(
+    path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None, preset: dict | None = None
+) -> Config:
     """The params file, then `preset` (a partial params document) on top, then the
     --set `overrides` on top of both, validated once."""
     try:

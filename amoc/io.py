@@ -3,6 +3,7 @@
 Every file a stage writes goes to a temp file in the same folder, is fsynced and then
 renamed, so a killed or failing stage never leaves a file that looks complete.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise AmocError(f"{path}: no space left on device while writing; free disk space and rerun (the previous file, if any, is untouched)") from None
+            raise AmocError(
+                f"{path}: no space left on device while writing; free disk space and rerun (the previous file, "
+                "if any, is untouched)"
+            ) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -104,9 +108,15 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         named = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
         first = (named or lines or ["unsafe content"])[0].replace("WeightsUnpickler error: ", "")
         first = first.split(" was not an allowed global")[0]  # drop torch's advice to allow it
-        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only checkpoints written by amoc are accepted") from None
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only "
+            "checkpoints written by amoc are accepted"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that writes it") from None
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that "
+            "writes it"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -160,7 +170,10 @@ class RunLock:
             except FileExistsError:
                 pid = _read_pid(self.path)
                 if pid is not None and pid != os.getpid() and _alive(pid):
-                    raise LockedError(f"{self.path.parent}: another amoc run (pid {pid}) is writing here; wait for it or stop it, or use another output folder") from None
+                    raise LockedError(
+                        f"{self.path.parent}: another amoc run (pid {pid}) is writing here; wait for it or stop "
+                        "it, or use another output folder"
+                    ) from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
             with os.fdopen(fd, "w") as fh:

@@ -12,6 +12,7 @@ crashes here (the downsample of a width-0.0625 ResNet-18) and gives wrong weight
 gradients on AVX-512 CPUs under width 0.25, so it stays opt-in (benchmarks/README.md).
 Evaluation stages always run fp32 (reduced precision can hide gradients from an attack).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ class Runtime:
     channels_last: bool
     progress: bool
     compile: bool
-    why_precision: str = ""      # e.g. "auto: CPU has AMX"
+    why_precision: str = ""  # e.g. "auto: CPU has AMX"
     why_channels_last: str = ""
     attack_amp_dtype: torch.dtype | None = None  # training-time attacks (runtime.attack_precision)
 
@@ -46,9 +47,11 @@ class Runtime:
         threads = torch.get_num_threads()
         if self.attack_amp_dtype != self.amp_dtype:
             precision += f", attacks {names.get(self.attack_amp_dtype, self.attack_amp_dtype)}"
-        return (f"{self.device}, {precision} ({self.why_precision}), channels_last "
-                f"{'on' if self.channels_last else 'off'} ({self.why_channels_last}), "
-                f"{threads} CPU thread{'s' if threads != 1 else ''}")
+        return (
+            f"{self.device}, {precision} ({self.why_precision}), channels_last "
+            f"{'on' if self.channels_last else 'off'} ({self.why_channels_last}), "
+            f"{threads} CPU thread{'s' if threads != 1 else ''}"
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -83,10 +86,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AmocError(f"runtime.device: {name!r} requested but no CUDA device is available; use --set runtime.device=cpu")
+        raise AmocError(
+            f"runtime.device: {name!r} requested but no CUDA device is available; use --set runtime.device=cpu"
+        )
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise AmocError(f"runtime.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices); pick another index")
+        raise AmocError(
+            f"runtime.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices); pick another index"
+        )
     return device
 
 
@@ -107,13 +114,14 @@ def cpu_bf16_support() -> str | None:
         try:
             if fn is not None and fn():
                 return name
-        except Exception:  # noqa: BLE001 - a failing capability probe means no
+        except Exception:
             pass
     return None
 
 
-def choose(cfg: RuntimeConfig, device: torch.device, *, evaluation: bool = False
-           ) -> tuple[torch.dtype | None, str, bool, str]:
+def choose(
+    cfg: RuntimeConfig, device: torch.device, *, evaluation: bool = False
+) -> tuple[torch.dtype | None, str, bool, str]:
     """(autocast dtype or None for fp32, why, channels_last, why) for `device`: explicit
     settings win; `auto` as the module docstring says. Evaluation is always fp32."""
     native = device.type == "cpu" and cfg.precision in ("auto", "bf16") and not evaluation and cpu_bf16_support()
@@ -142,8 +150,9 @@ def choose(cfg: RuntimeConfig, device: torch.device, *, evaluation: bool = False
     return amp, why, False, f"auto: fp32 on {device.type}"
 
 
-def setup(cfg: RuntimeConfig, seed: int, dist: Dist = Dist(), *, stage: str | None = None,
-          evaluation: bool = False) -> Runtime:
+def setup(
+    cfg: RuntimeConfig, seed: int, dist: Dist = Dist(), *, stage: str | None = None, evaluation: bool = False
+) -> Runtime:
     """Seed every RNG, set threads, pick device and precision. In a multi-process CUDA
     run each rank takes the GPU of its local rank (`runtime.device: auto` or `cuda`).
     `evaluation`: always fp32, TF32 off on CUDA. `stage`: print what was chosen, one line, on the main rank
@@ -162,8 +171,16 @@ def setup(cfg: RuntimeConfig, seed: int, dist: Dist = Dist(), *, stage: str | No
         torch.backends.cudnn.allow_tf32 = not evaluation
     amp, why_amp, channels_last, why_cl = choose(cfg, device, evaluation=evaluation)
     attack_amp = {"same": amp, "fp32": None, "bf16": torch.bfloat16}[cfg.attack_precision] if not evaluation else None
-    rt = Runtime(device=device, amp_dtype=amp, channels_last=channels_last, progress=cfg.progress,
-                 compile=cfg.compile, why_precision=why_amp, why_channels_last=why_cl, attack_amp_dtype=attack_amp)
+    rt = Runtime(
+        device=device,
+        amp_dtype=amp,
+        channels_last=channels_last,
+        progress=cfg.progress,
+        compile=cfg.compile,
+        why_precision=why_amp,
+        why_channels_last=why_cl,
+        attack_amp_dtype=attack_amp,
+    )
     if stage is not None and dist.main:
         print(f"amoc {stage} runtime: {rt.describe()}", flush=True)
     return rt
@@ -214,5 +231,7 @@ def oom_hint(stage: str, batch_key: str, batch_size: int) -> Iterator[None]:
     if message is not None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        raise AmocError(f"{stage}: out of GPU memory at batch size {batch_size} ({message[:160]}); lower it with "
-                        f"--set {batch_key}={max(1, batch_size // 2)}, or free the GPU")
+        raise AmocError(
+            f"{stage}: out of GPU memory at batch size {batch_size} ({message[:160]}); lower it with "
+            f"--set {batch_key}={max(1, batch_size // 2)}, or free the GPU"
+        )

@@ -1,5 +1,6 @@
 """Clean stops: SIGINT/SIGTERM finish the current step, write a checkpoint, exit;
 non-finite losses or weights stop the run with a message naming where."""
+
 from __future__ import annotations
 
 import signal
@@ -47,10 +48,15 @@ def check_finite(losses: dict[str, torch.Tensor], *, epoch: int, step: int) -> N
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
     if not bool(torch.isfinite(values).all()):
         bad = [name for name, v in zip(losses, values.tolist()) if not torch.isfinite(torch.tensor(v))]
-        raise NumericalError(f"non-finite {', '.join(bad)} at epoch {epoch}, step {step}; the last good checkpoint is kept - lower the learning rate or use --set runtime.precision=fp32")
+        raise NumericalError(
+            f"non-finite {', '.join(bad)} at epoch {epoch}, step {step}; the last good checkpoint is kept - "
+            "lower the learning rate or use --set runtime.precision=fp32"
+        )
 
 
 def check_finite_params(module: torch.nn.Module, *, epoch: int) -> None:
     flat = [p.detach().float().abs().sum() for p in module.parameters()]
     if flat and not bool(torch.isfinite(torch.stack(flat).sum())):
-        raise NumericalError(f"non-finite weights after epoch {epoch}; the last good checkpoint is kept - lower the learning rate")
+        raise NumericalError(
+            f"non-finite weights after epoch {epoch}; the last good checkpoint is kept - lower the learning rate"
+        )

@@ -17,6 +17,7 @@ Prints ``name: value`` lines: each objective under both precisions, their ratio
 (bf16 / fp32; 1 = as strong), and the share of pixels whose first-step gradient sign
 agrees. bf16 runs on any CPU (slowly without AMX / AVX512-BF16) and on CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoc.attacks.pgd import pgd_linf  # noqa: E402
-from amoc.config import AttackConfig  # noqa: E402
-from amoc.data.prepared import load_split  # noqa: E402
-from amoc.downstream.losses import trades_attack  # noqa: E402
-from amoc.nets.classifier import load_classifier  # noqa: E402
-from amoc.nets.store import load_encoder_file  # noqa: E402
-from amoc.pretrain.losses import info_nce  # noqa: E402
-from amoc.runtime import eval_mode  # noqa: E402
+from amoc.attacks.pgd import pgd_linf
+from amoc.config import AttackConfig
+from amoc.data.prepared import load_split
+from amoc.downstream.losses import trades_attack
+from amoc.nets.classifier import load_classifier
+from amoc.nets.store import load_encoder_file
+from amoc.pretrain.losses import info_nce
+from amoc.runtime import eval_mode
 
 
 def autocast(bf16: bool):
@@ -63,13 +64,15 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x_all, y_all = load_split(args.data, "test")
-    x_all, y_all = x_all[:args.images].float() / 255, y_all[:args.images]
+    x_all, y_all = x_all[: args.images].float() / 255, y_all[: args.images]
     encoder, extra = load_encoder_file(args.encoder)
     classifier = load_classifier(args.classifier).requires_grad_(False)
     encoder.eval().requires_grad_(False)
     branch = "clean" if extra.get("bn_branch") == "clean" else "adv"
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {len(x_all)} test images, batch {args.batch}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {len(x_all)} test images, batch {args.batch}"
+    )
 
     pretrain_attack = AttackConfig(steps=5)
     train_attack = AttackConfig(steps=10)
@@ -80,33 +83,35 @@ def main() -> int:
             for m in encoder.modules():
                 if hasattr(m, "branch"):
                     m.branch = branch
-            keys = F.normalize(encoder(xb), dim=1) / 0.2 ** 0.5  # B x D: positives (clean)
+            keys = F.normalize(encoder(xb), dim=1) / 0.2**0.5  # B x D: positives (clean)
         queue = keys.flip(0).t()  # every other image's clean features as negatives
 
-        def contrastive(z: torch.Tensor) -> torch.Tensor:
-            q = F.normalize(encoder(z).float(), dim=1) / 0.2 ** 0.5
+        def contrastive(z: torch.Tensor, keys=keys, queue=queue) -> torch.Tensor:
+            q = F.normalize(encoder(z).float(), dim=1) / 0.2**0.5
             return info_nce(q, keys, queue, reduction="sum")
 
         with torch.no_grad():
             p_nat = F.softmax(classifier(xb).float(), dim=1)
 
-        def kl(z: torch.Tensor) -> torch.Tensor:
+        def kl(z: torch.Tensor, p_nat=p_nat) -> torch.Tensor:
             return F.kl_div(F.log_softmax(classifier(z).float(), dim=1), p_nat, reduction="sum")
 
-        def ce(z: torch.Tensor) -> torch.Tensor:
+        def ce(z: torch.Tensor, yb=yb) -> torch.Tensor:
             return F.cross_entropy(classifier(z).float(), yb, reduction="sum")
 
         crafted = {}
         for bf16 in (False, True):
             g = torch.Generator().manual_seed(args.seed)
             with autocast(bf16):
-                crafted["contrastive", bf16] = pgd_linf(xb, contrastive, eps=pretrain_attack.eps,
-                                                        step_size=pretrain_attack.step_size, steps=5, generator=g)
+                crafted["contrastive", bf16] = pgd_linf(
+                    xb, contrastive, eps=pretrain_attack.eps, step_size=pretrain_attack.step_size, steps=5, generator=g
+                )
                 g.manual_seed(args.seed)
                 crafted["trades_kl", bf16] = trades_attack(classifier, xb, train_attack, g)
                 g.manual_seed(args.seed)
-                crafted["pgd_ce", bf16] = pgd_linf(xb, ce, eps=train_attack.eps, step_size=train_attack.step_size,
-                                                   steps=10, generator=g)
+                crafted["pgd_ce", bf16] = pgd_linf(
+                    xb, ce, eps=train_attack.eps, step_size=train_attack.step_size, steps=10, generator=g
+                )
         with torch.no_grad():  # every score in fp32
             for name, objective in (("contrastive", contrastive), ("trades_kl", kl), ("pgd_ce", ce)):
                 for i, bf16 in enumerate((False, True)):
@@ -116,7 +121,9 @@ def main() -> int:
         start = xb + (2 * torch.rand(xb.shape, generator=torch.Generator().manual_seed(args.seed)) - 1) * 8 / 255
         start = start.clamp(0, 1)
         for name, objective in (("contrastive", contrastive), ("trades_kl", kl), ("pgd_ce", ce)):
-            agree[name].append((first_sign(objective, start, False) == first_sign(objective, start, True)).float().mean())
+            agree[name].append(
+                (first_sign(objective, start, False) == first_sign(objective, start, True)).float().mean()
+            )
     n = len(x_all)
     for name in ("contrastive", "trades_kl", "pgd_ce"):
         fp32, bf16 = sums[name][0] / n, sums[name][1] / n

@@ -15,6 +15,7 @@ setting, thread count and machine load; the median of the repeats is reported (w
 clock, and for the CPU side also CPU seconds consumed, which other jobs on a shared
 machine disturb less).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoc.config import AugmentConfig  # noqa: E402
-from amoc.pretrain.augment import SimCLRAugment  # noqa: E402
-from common import cpu_name, pil_pipeline  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name, pil_pipeline
+
+from amoc.config import AugmentConfig
+from amoc.pretrain.augment import SimCLRAugment
 
 
 def load_batch(path: str | None, batch: int, seed: int) -> torch.Tensor:

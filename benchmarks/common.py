@@ -1,6 +1,7 @@
 """Pieces the benchmark scripts share: the machine's name and the per-image PIL
 reference pipeline (torchvision's SimCLR transforms with the authors' PIL Gaussian blur,
 as the authors' loader runs them)."""
+
 from __future__ import annotations
 
 import platform
@@ -36,11 +37,13 @@ def pil_pipeline():
     own full-support GaussianBlur (docs/pretrain.md), not torchvision's 3-tap GaussianBlur."""
     import torchvision.transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
-        T.ToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.2, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
+            T.ToTensor(),
+        ]
+    )

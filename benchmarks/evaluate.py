@@ -39,6 +39,7 @@ predicted``) the labels are the model's own clean predictions: every image is th
 "correct" and goes through APGD-CE, the least work a robust model would also cost.
 ``--labels data`` keeps the data set's labels (AutoAttack then mostly only classifies).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,15 +56,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoc.config import AttackConfig, RuntimeConfig  # noqa: E402
-from amoc.data.prepared import load_split  # noqa: E402
-from amoc.attacks import autoattack as aa_mod  # noqa: E402
-from amoc.attacks.accuracy import correct  # noqa: E402
-from amoc.evaluate import attacks as ev  # noqa: E402
-from amoc.nets.classifier import Classifier  # noqa: E402
-from amoc.nets.resnet import build_encoder  # noqa: E402
-from amoc.runtime import setup  # noqa: E402
-from common import cpu_name  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name
+
+from amoc.attacks import autoattack as aa_mod
+from amoc.attacks.accuracy import correct
+from amoc.config import AttackConfig, RuntimeConfig
+from amoc.data.prepared import load_split
+from amoc.evaluate import attacks as ev
+from amoc.nets.classifier import Classifier
+from amoc.nets.resnet import build_encoder
+from amoc.runtime import setup
 
 
 def load_test(folder: str | None, n: int, seed: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +96,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aa-repeats", type=int, default=1, help="timed AutoAttack runs")
     ap.add_argument("--warmup", type=int, default=1, help="untimed PGD runs first")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--labels", choices=("predicted", "data"), default="predicted",
-                    help="predicted: the model's clean predictions (every image gets attacked; see docstring)")
+    ap.add_argument(
+        "--labels",
+        choices=("predicted", "data"),
+        default="predicted",
+        help="predicted: the model's clean predictions (every image gets attacked; see docstring)",
+    )
     ap.add_argument("--no-autoattack", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     def runtime(channels_last: str):
-        return setup(RuntimeConfig(device=args.device, precision="fp32", channels_last=channels_last,
-                                   threads=args.threads, progress=False), args.seed, evaluation=True)
+        return setup(
+            RuntimeConfig(
+                device=args.device, precision="fp32", channels_last=channels_last, threads=args.threads, progress=False
+            ),
+            args.seed,
+            evaluation=True,
+        )
 
     rt = runtime(args.channels_last)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
@@ -116,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     x, y = load_test(args.data, args.images, args.seed, args.classes)
     if args.labels == "predicted":
         with torch.no_grad():
-            y = torch.cat([model(rt.images(xb.to(rt.device).float().div_(255))).argmax(1).cpu()
-                           for xb in torch.split(x, args.batch)])
+            y = torch.cat(
+                [
+                    model(rt.images(xb.to(rt.device).float().div_(255))).argmax(1).cpu()
+                    for xb in torch.split(x, args.batch)
+                ]
+            )
     aa_n = min(args.aa_images or args.images, args.images)
     pgd_cfg = AttackConfig(steps=args.pgd_steps)  # eps 8/255, step eps/4, random start: evaluate.pgd's defaults
 
@@ -147,19 +162,25 @@ def main(argv: list[str] | None = None) -> int:
 
     aa_runs = []
     if not args.no_autoattack:
-        run_aa = lambda: aa_mod.autoattack_correct(model, x[:aa_n], y[:aa_n], rt, args.batch, pgd_cfg.eps,  # noqa: E731
-                                               args.classes, args.seed, args.aa_steps)
+
+        def run_aa():
+            return aa_mod.autoattack_correct(
+                model, x[:aa_n], y[:aa_n], rt, args.batch, pgd_cfg.eps, args.classes, args.seed, args.aa_steps
+            )
+
         aa_runs = [timed(run_aa) for _ in range(args.aa_repeats)]
     load1 = os.getloadavg()[0]
 
     pct = lambda c: 100.0 * float(c.float().mean())  # noqa: E731
     print(f"machine: {cpu_name() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)}")
-    print(f"config: width={args.width} classes={args.classes} images={args.images} aa_images={aa_n} "
-          f"batch={args.batch} pgd_steps={args.pgd_steps} aa_steps={args.aa_steps} "
-          f"square_queries={aa_mod.AUTOATTACK_QUERIES} device={rt.device} threads={torch.get_num_threads()} "
-          f"channels_last={rt.channels_last} precision=fp32 torch={torch.__version__} "
-          f"torchattacks={aa_mod.torchattacks_version()} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
-          f"repeats={args.repeats} aa_repeats={args.aa_repeats} warmup={args.warmup}")
+    print(
+        f"config: width={args.width} classes={args.classes} images={args.images} aa_images={aa_n} "
+        f"batch={args.batch} pgd_steps={args.pgd_steps} aa_steps={args.aa_steps} "
+        f"square_queries={aa_mod.AUTOATTACK_QUERIES} device={rt.device} threads={torch.get_num_threads()} "
+        f"channels_last={rt.channels_last} precision=fp32 torch={torch.__version__} "
+        f"torchattacks={aa_mod.torchattacks_version()} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
+        f"repeats={args.repeats} aa_repeats={args.aa_repeats} warmup={args.warmup}"
+    )
     print(f"data: {args.data or 'random uint8 images'}, labels: {args.labels}")
     print(f"load_average_1min: {load0:.2f} before, {load1:.2f} after")
     print(f"clean_acc: {pct(clean):.2f} %")
@@ -173,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgd{args.pgd_steps}_fp32_contiguous_images_per_s: {args.images / base_s:.2f} images/s")
         print(f"pgd{args.pgd_steps}_speedup_vs_fp32: {base_s / pgd_s:.2f} x")
         if rt.device.type == "cpu":
-            print(f"pgd{args.pgd_steps}_speedup_vs_fp32_cpu_time: "
-                  f"{statistics.median(r[2] for r in base_runs) / pgd_cpu:.2f} x")
+            print(
+                f"pgd{args.pgd_steps}_speedup_vs_fp32_cpu_time: "
+                f"{statistics.median(r[2] for r in base_runs) / pgd_cpu:.2f} x"
+            )
     if aa_runs:
         aa, worst = aa_runs[-1][0]
         aa_s = statistics.median(r[1] for r in aa_runs)
@@ -186,14 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"autoattack_images_per_cpu_s: {aa_n / aa_cpu:.3f} images/s")
         print(f"pgd_over_autoattack: {(args.images / pgd_s) / (aa_n / aa_s):.1f} x")
         survived = pct(aa & clean[:aa_n])
-        print("caveat: randomly initialised classifier, not representative of a trained AMOC model. AutoAttack's "
-              "cost scales with how many images survive each sub-attack (APGD-T, FAB-T and Square with "
-              f"{aa_mod.AUTOATTACK_QUERIES} queries run only on APGD-CE's survivors, and APGD skips images the model "
-              f"already gets wrong); here {survived:.1f}% survived all four. "
-              + ("Almost everything fell to APGD-CE, so this figure is far faster than AutoAttack on a robust model."
-                 if survived < 10 else
-                 "A random network's near-constant output makes that 'robustness' degenerate; a trained robust "
-                 "model (about 50% survival) costs a similar order of time per image, a non-robust one much less."))
+        print(
+            "caveat: randomly initialised classifier, not representative of a trained AMOC model. AutoAttack's "
+            "cost scales with how many images survive each sub-attack (APGD-T, FAB-T and Square with "
+            f"{aa_mod.AUTOATTACK_QUERIES} queries run only on APGD-CE's survivors, and APGD skips images the model "
+            f"already gets wrong); here {survived:.1f}% survived all four. "
+            + (
+                "Almost everything fell to APGD-CE, so this figure is far faster than AutoAttack on a robust model."
+                if survived < 10
+                else "A random network's near-constant output makes that 'robustness' degenerate; a trained robust "
+                "model (about 50% survival) costs a similar order of time per image, a non-robust one much less."
+            )
+        )
     return 0
 
 

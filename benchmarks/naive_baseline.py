@@ -49,6 +49,7 @@ benchmarks/README.md: data loading is negligible on the CPU); the interesting fi
 on CUDA, where the step is fast enough that a PIL loader becomes the bottleneck.
 On CUDA every slice is bracketed by torch.cuda.synchronize().
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,17 +66,18 @@ from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoc import config as config_mod  # noqa: E402
-from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from amoc.pretrain.attack import ContrastiveAttack  # noqa: E402
-from amoc.pretrain.augment import SimCLRAugment  # noqa: E402
-from amoc.pretrain.losses import info_nce  # noqa: E402
-from amoc.pretrain.moco import build_moco  # noqa: E402
-from amoc.pretrain.stage import epoch_order, make_optimizer  # noqa: E402
-from amoc.pretrain.step import TrainStep  # noqa: E402
-from amoc.pretrain.variants import Variant  # noqa: E402
-from amoc.runtime import eval_mode, setup  # noqa: E402
-from common import cpu_name, pil_pipeline  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name, pil_pipeline
+
+from amoc import config as config_mod
+from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
+from amoc.pretrain.attack import ContrastiveAttack
+from amoc.pretrain.augment import SimCLRAugment
+from amoc.pretrain.losses import info_nce
+from amoc.pretrain.moco import build_moco
+from amoc.pretrain.stage import epoch_order, make_optimizer
+from amoc.pretrain.step import TrainStep
+from amoc.pretrain.variants import Variant
+from amoc.runtime import eval_mode, setup
 
 
 class TwoViewPIL(torch.utils.data.Dataset):
@@ -145,14 +147,17 @@ class NaiveContrastiveAttack(ContrastiveAttack):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", help="prepared data folder or its train.npz (x: N x 3 x 32 x 32 uint8); default random images")
+    ap.add_argument(
+        "--data", help="prepared data folder or its train.npz (x: N x 3 x 32 x 32 uint8); default random images"
+    )
     ap.add_argument("--variant", default="ACA")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--width", type=float, default=1.0, help="ResNet-18 channel multiplier (1 = paper)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="runtime.precision of ours")
-    ap.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                    help="runtime.channels_last of ours")
+    ap.add_argument(
+        "--channels-last", default="auto", choices=("auto", "on", "off"), help="runtime.channels_last of ours"
+    )
     ap.add_argument("--queue", type=int, default=32768, help="queue_size (K1 = K2)")
     ap.add_argument("--steps", type=int, default=3, help="training iterations per timed slice")
     ap.add_argument("--pgd-steps", type=int, default=5, help="PGD steps of the contrastive attack")
@@ -164,19 +169,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     ap.add_argument("--no-fp32", action="store_true", help="skip our path in fp32 eager contiguous")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after timing, run N iterations of each side under torch.profiler and print where the time goes")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, run N iterations of each side under torch.profiler and print where the time goes",
+    )
     ap.add_argument("--top", type=int, default=8, help="ops listed per side with --profile")
     args = ap.parse_args(argv)
 
     def make_cfg(precision: str, channels_last: str):
-        return config_mod.from_dict({
-            "variant": args.variant, "queue_size": max(args.queue, args.batch), "seed": args.seed,
-            "model": {"width": args.width},
-            "pretrain": {"batch_size": args.batch, "lr": 0.01, "attack": {"steps": args.pgd_steps}},
-            "runtime": {"device": args.device, "precision": precision, "channels_last": channels_last,
-                        "threads": args.threads, "progress": False},
-        })
+        return config_mod.from_dict(
+            {
+                "variant": args.variant,
+                "queue_size": max(args.queue, args.batch),
+                "seed": args.seed,
+                "model": {"width": args.width},
+                "pretrain": {"batch_size": args.batch, "lr": 0.01, "attack": {"steps": args.pgd_steps}},
+                "runtime": {
+                    "device": args.device,
+                    "precision": precision,
+                    "channels_last": channels_last,
+                    "threads": args.threads,
+                    "progress": False,
+                },
+            }
+        )
 
     # Images needed: the whole slice schedule of both sides, drawn without repeats where possible.
     need = args.batch * (args.warmup + args.steps * args.repeats)
@@ -189,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = make_optimizer(model, cfg, rt.device)
         attack_cls = NaiveContrastiveAttack if naive_attack else ContrastiveAttack
         attack = attack_cls(model, v, cfg.pretrain.attack, autocast=rt.autocast)
-        return TrainStep(model, v, optimizer, attack, leverage=cfg.leverage, enqueue_order=cfg.pretrain.enqueue_order,
-                         autocast=rt.autocast)
+        return TrainStep(
+            model,
+            v,
+            optimizer,
+            attack,
+            leverage=cfg.leverage,
+            enqueue_order=cfg.pretrain.enqueue_order,
+            autocast=rt.autocast,
+        )
 
     def our_path(cfg, rt):
         """(iteration, step) of `amoc pretrain`'s loop body under the runtime `rt`."""
@@ -208,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                 s["pos"] = 0
                 s["order"] = epoch_order(cfg.seed, s["epoch"], len(train_x)).to(rt.device)
             with record_function("phase:data+augment"):
-                images = train_x[s["order"][s["pos"] * args.batch:(s["pos"] + 1) * args.batch]]
+                images = train_x[s["order"][s["pos"] * args.batch : (s["pos"] + 1) * args.batch]]
                 x_query = rt.images(augment(images, generator=generator))
                 x_key = rt.images(augment(images, generator=generator))
             step(x_query, x_key, generator)
             s["pos"] += 1
+
         return iteration, step
 
     # ------------------------------------------------------------------ ours in fp32, eager, contiguous
@@ -235,9 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         step_naive = build(ncfg, nrt, args.naive_attack)
         ngen = nrt.generator(ncfg.seed + 1)
         loader = torch.utils.data.DataLoader(
-            TwoViewPIL(x_np), batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
-            pin_memory=nrt.device.type == "cuda", persistent_workers=args.workers > 0,
-            generator=torch.Generator().manual_seed(args.seed))
+            TwoViewPIL(x_np),
+            batch_size=args.batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=args.workers,
+            pin_memory=nrt.device.type == "cuda",
+            persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             while True:
@@ -280,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     images = args.steps * args.batch
     med = statistics.median(t for t, _ in t_ours)
     print(f"machine: {cpu_name() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)}")
-    print(f"config: variant={v.name} batch={args.batch} width={args.width} queue={max(args.queue, args.batch)} "
-          f"pgd_steps={args.pgd_steps} steps={args.steps} device={rt.device} threads={torch.get_num_threads()} "
-          f"workers={args.workers} naive_attack={args.naive_attack} torch={torch.__version__} "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} repeats={args.repeats} warmup={args.warmup}")
+    print(
+        f"config: variant={v.name} batch={args.batch} width={args.width} queue={max(args.queue, args.batch)} "
+        f"pgd_steps={args.pgd_steps} steps={args.steps} device={rt.device} threads={torch.get_num_threads()} "
+        f"workers={args.workers} naive_attack={args.naive_attack} torch={torch.__version__} "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} repeats={args.repeats} warmup={args.warmup}"
+    )
     print(f"data: {args.data or 'random uint8'} ({len(x_np)} images)")
     print(f"load_average_1min: {load0:.2f} before, {load1:.2f} after")
     print(f"ours_precision: {rt.amp_dtype or 'fp32'} channels_last={rt.channels_last}")
@@ -296,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours_fp32_images_per_s: {images / med_f:.1f} images/s")
         print(f"runtime_speedup: {med_f / med:.2f} x")
         if rt.device.type == "cpu":
-            print(f"runtime_speedup_cpu_seconds: "
-                  f"{statistics.median(c for _, c in t_fp32) / statistics.median(c for _, c in t_ours):.2f} x")
+            print(
+                f"runtime_speedup_cpu_seconds: "
+                f"{statistics.median(c for _, c in t_fp32) / statistics.median(c for _, c in t_ours):.2f} x"
+            )
     if t_naive:
         med_n = statistics.median(t for t, _ in t_naive)
-        print(f"naive_precision: fp32 channels_last=False")
+        print("naive_precision: fp32 channels_last=False")
         print(f"naive_slice_time: {med_n:.3f} s")
         print(f"naive_images_per_s: {images / med_n:.1f} images/s")
         print(f"naive_speedup: {med_n / med:.2f} x")
@@ -326,10 +363,12 @@ def label_phases(step: TrainStep) -> None:
     """Name the parts of a TrainStep for the profiler (instance attributes shadow the
     methods, so the step runs unchanged): attack, key forwards, query forwards, SGD step,
     EMA and enqueue. The rest of the step is the loss and its backward."""
+
     def labelled(label, fn):
         def call(*a, **k):
             with record_function(f"phase:{label}"):
                 return fn(*a, **k)
+
         return call
 
     step.attack = labelled("attack", step.attack)
@@ -340,8 +379,9 @@ def label_phases(step: TrainStep) -> None:
     step.model.enqueue = labelled("enqueue", step.model.enqueue)
 
 
-def profile(name: str, fn: Callable[[], None], iters: int, top: int, device: torch.device,
-            sync: Callable[[], None]) -> None:
+def profile(
+    name: str, fn: Callable[[], None], iters: int, top: int, device: torch.device, sync: Callable[[], None]
+) -> None:
     """`iters` iterations under torch.profiler: per phase, its share of the wall clock
     (phases never overlap), and the `top` ops by self time (CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity
@@ -367,8 +407,10 @@ def profile(name: str, fn: Callable[[], None], iters: int, top: int, device: tor
     ops = sorted((e for e in events if not e.key.startswith("phase:")), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in ops) or 1.0
     for rank, e in enumerate(ops[:top], 1):
-        print(f"profile.{name}.top{rank}: {e.key} {getattr(e, key) / 1e3 / iters:.1f} ms "
-              f"({100 * getattr(e, key) / total:.1f}% of self {'CUDA' if cuda else 'CPU'} time)")
+        print(
+            f"profile.{name}.top{rank}: {e.key} {getattr(e, key) / 1e3 / iters:.1f} ms "
+            f"({100 * getattr(e, key) / total:.1f}% of self {'CUDA' if cuda else 'CPU'} time)"
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ contiguous (NCHW) on a second model built from the same seed, the two timed
 alternately repeat by repeat so that both see the same machine load, and
 `speedup_vs_fp32` is their ratio from this one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,15 +46,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoc import config as config_mod  # noqa: E402
-from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from amoc.pretrain.attack import ContrastiveAttack  # noqa: E402
-from amoc.pretrain.moco import build_moco  # noqa: E402
-from amoc.pretrain.stage import make_optimizer  # noqa: E402
-from amoc.pretrain.step import TrainStep  # noqa: E402
-from amoc.pretrain.variants import Variant  # noqa: E402
-from amoc.runtime import eval_mode, frozen, setup  # noqa: E402
-from common import cpu_name  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name
+
+from amoc import config as config_mod
+from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
+from amoc.pretrain.attack import ContrastiveAttack
+from amoc.pretrain.moco import build_moco
+from amoc.pretrain.stage import make_optimizer
+from amoc.pretrain.step import TrainStep
+from amoc.pretrain.variants import Variant
+from amoc.runtime import eval_mode, frozen, setup
 
 
 def median_time(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
@@ -71,8 +73,9 @@ def median_time(fn: Callable[[], object], warmup: int, repeats: int, sync: Calla
     return statistics.median(wall), statistics.median(cpu)
 
 
-def interleaved_times(fns: list[Callable[[], object]], warmup: int, repeats: int,
-                      sync: Callable[[], None]) -> list[tuple[float, float]]:
+def interleaved_times(
+    fns: list[Callable[[], object]], warmup: int, repeats: int, sync: Callable[[], None]
+) -> list[tuple[float, float]]:
     """Median (wall seconds, CPU seconds of this process) per call of each fn, the fns
     run alternately repeat by repeat so that they see the same machine state."""
     for _ in range(warmup):
@@ -108,21 +111,37 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def make_cfg(precision: str, channels_last: str):
-        return config_mod.from_dict({
-            "variant": args.variant, "queue_size": max(args.queue, args.batch), "seed": 0,
-            "model": {"width": args.width},
-            "pretrain": {"batch_size": args.batch, "lr": 0.01, "attack": {"steps": args.steps}},
-            "runtime": {"device": args.device, "precision": precision, "channels_last": channels_last,
-                        "threads": args.threads, "progress": False},
-        })
+        return config_mod.from_dict(
+            {
+                "variant": args.variant,
+                "queue_size": max(args.queue, args.batch),
+                "seed": 0,
+                "model": {"width": args.width},
+                "pretrain": {"batch_size": args.batch, "lr": 0.01, "attack": {"steps": args.steps}},
+                "runtime": {
+                    "device": args.device,
+                    "precision": precision,
+                    "channels_last": channels_last,
+                    "threads": args.threads,
+                    "progress": False,
+                },
+            }
+        )
 
     def build(cfg):
         rt = setup(cfg.runtime, cfg.seed)  # seeds torch: both sides start from the same weights
         model = rt.prepare(build_moco(cfg, CIFAR10_MEAN, CIFAR10_STD)).train()
         optimizer = make_optimizer(model, cfg, rt.device)
         attack = ContrastiveAttack(model, v, cfg.pretrain.attack, autocast=rt.autocast)
-        step = TrainStep(model, v, optimizer, attack, leverage=cfg.leverage, enqueue_order=cfg.pretrain.enqueue_order,
-                         autocast=rt.autocast)
+        step = TrainStep(
+            model,
+            v,
+            optimizer,
+            attack,
+            leverage=cfg.leverage,
+            enqueue_order=cfg.pretrain.enqueue_order,
+            autocast=rt.autocast,
+        )
         x_query = rt.images(torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
         x_key = rt.images(torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
         gen = rt.generator(0)
@@ -146,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 with rt.autocast():
                     out = model.embed(net, x, "adv")
                 return torch.autograd.grad(out.sum(), x)
+
         return run
 
     def partner_forward() -> object:
@@ -186,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     bare_sum = [sum(t[i] * n for t, n in bare.values()) for i in (0, 1)]
 
     print(f"machine: {cpu_name() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)}")
-    print(f"config: variant={v.name} batch={args.batch} width={args.width} queue={cfg.queue_size} pgd_steps={args.steps} "
-          f"device={rt.device} threads={torch.get_num_threads()} amp={rt.amp_dtype} channels_last={rt.channels_last} "
-          f"torch={torch.__version__} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
-          f"loadavg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup}")
+    print(
+        f"config: variant={v.name} batch={args.batch} width={args.width} queue={cfg.queue_size} pgd_steps={args.steps} "
+        f"device={rt.device} threads={torch.get_num_threads()} amp={rt.amp_dtype} channels_last={rt.channels_last} "
+        f"torch={torch.__version__} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
+        f"loadavg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup}"
+    )
     print(f"step_time: {full[0]:.4f} s")
     print(f"step_images_per_s: {args.batch / full[0]:.1f} images/s")
     for name, (seconds, count) in bare.items():

@@ -1,4 +1,5 @@
 """Shared fixtures: the repo root, the real CIFAR-10 subset (skipped when absent)."""
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,10 @@ def digits_dir(tmp_path_factory) -> Path:
     from amoc import cli
 
     out = tmp_path_factory.mktemp("digits") / "prepared"
-    assert cli.main(["download", "--params", str(REPO / "params.yaml"), "--set", "data.name=digits", "--out", str(out)]) == 0
+    assert (
+        cli.main(["download", "--params", str(REPO / "params.yaml"), "--set", "data.name=digits", "--out", str(out)])
+        == 0
+    )
     return out
 
 
@@ -90,8 +94,15 @@ def make_cifar_tar():
 
     import numpy as np
 
-    def make(path: Path, name: str = "cifar10", n: int = 12, members: dict | None = None,
-             dumps=lambda obj: pickle.dumps(obj, protocol=4), extra=(), seed: int = 0) -> Path:
+    def make(
+        path: Path,
+        name: str = "cifar10",
+        n: int = 12,
+        members: dict | None = None,
+        dumps=lambda obj: pickle.dumps(obj, protocol=4),
+        extra=(),
+        seed: int = 0,
+    ) -> Path:
         rng = np.random.default_rng(seed)
         if name == "cifar10":
             top, label_key = "cifar-10-batches-py", "labels"
@@ -106,8 +117,14 @@ def make_cifar_tar():
         for b, batch in enumerate(batches):
             data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
             labels = [(b * 7 + i) % classes for i in range(n)]
-            blobs[batch] = dumps({"batch_label": batch, label_key: labels, "data": data,
-                                  "filenames": [f"{batch}_{i}.png" for i in range(n)]})
+            blobs[batch] = dumps(
+                {
+                    "batch_label": batch,
+                    label_key: labels,
+                    "data": data,
+                    "filenames": [f"{batch}_{i}.png" for i in range(n)],
+                }
+            )
         blobs[meta_name] = dumps(meta)
         blobs.update(members or {})
         with tarfile.open(path, "w:gz") as tar:

@@ -1,5 +1,6 @@
 """Workers for tests/test_distributed.py: one `amoc pretrain` run per rank in processes
 that torch.multiprocessing spawns (gloo on the CPU), each reporting what it saw."""
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain_worker(rank: int, world: int, port: int, params: str, overrides: list[str], data: str, out: str,
-                    report: str) -> None:
+def pretrain_worker(
+    rank: int, world: int, port: int, params: str, overrides: list[str], data: str, out: str, report: str
+) -> None:
     """Run pretraining on this rank with the rank's own output folder (`out`/rank<r>), so
     the test can see which rank wrote what; save the losses of every step, the keys that
     entered the queues (this rank's and the gathered ones), the saves it made and the
     final model state to `report`/rank<r>.pt."""
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     cfg = config.load(params, overrides)
     seen: dict[str, list] = {"losses": [], "local_keys": [], "gathered_keys": [], "saves": []}
     real_save = CheckpointManager.save

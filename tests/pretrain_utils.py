@@ -1,4 +1,5 @@
 """Helpers shared by tests/test_pretrain_*.py: tiny configs, models and prepared data."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,18 @@ def tiny_config(*overrides: str, **top: Any) -> Config:
     """A validated Config small enough for a CPU step in milliseconds; `overrides` are
     --set style 'key.sub=value' strings, `top` sets top-level keys."""
     raw: dict[str, Any] = {
-        "variant": "ACA+", "queue_size": 40, "seed": 0,
+        "variant": "ACA+",
+        "queue_size": 40,
+        "seed": 0,
         "model": {"width": 0.0625, "hidden_dim": 16, "feature_dim": 8},
-        "pretrain": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "checkpoint_every": 1, "knn_k": 5,
-                     "attack": {"steps": 2}},
+        "pretrain": {
+            "epochs": 2,
+            "batch_size": 8,
+            "warmup_epochs": 1,
+            "checkpoint_every": 1,
+            "knn_k": 5,
+            "attack": {"steps": 2},
+        },
         "runtime": {"device": "cpu", "progress": False, "threads": 1},
     }
     raw.update(top)
@@ -55,8 +64,9 @@ def views(batch: int = 8, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, 
     return x[0].contiguous(), x[1].contiguous()
 
 
-def write_prepared(folder: Path, n_train: int = 40, n_test: int = 20, size: int = 16, classes: int = 4,
-                   seed: int = 0) -> Path:
+def write_prepared(
+    folder: Path, n_train: int = 40, n_test: int = 20, size: int = 16, classes: int = 4, seed: int = 0
+) -> Path:
     """A prepared folder in the data stage's format (train.npz, test.npz, stats.json)
     holding class-dependent coloured blobs, small enough for seconds-long runs."""
     rng = np.random.default_rng(seed)
@@ -66,9 +76,15 @@ def write_prepared(folder: Path, n_train: int = 40, n_test: int = 20, size: int 
         y = np.arange(n) % classes
         x = colours[y][:, :, None, None] + rng.normal(0, 25, size=(n, 3, size, size))
         np.savez(folder / f"{split}.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
-    stats = {"name": "synthetic", "classes": [str(c) for c in range(classes)], "num_classes": classes,
-             "image_shape": [3, size, size], "counts": {"train": n_train, "test": n_test},
-             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    stats = {
+        "name": "synthetic",
+        "classes": [str(c) for c in range(classes)],
+        "num_classes": classes,
+        "image_shape": [3, size, size],
+        "counts": {"train": n_train, "test": n_test},
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    }
     (folder / "stats.json").write_text(json.dumps(stats))
     return folder
 
@@ -94,13 +110,14 @@ class BNRecorder:
     def _hook(self, net: str, branch: str):
         def hook(module, inputs, output):
             self.events.append((net, branch, module.training))
+
         return hook
 
     def forwards(self) -> list[tuple[str, str, bool]]:
         out, i = [], 0
         while i < len(self.events):
             net = self.events[i][0]
-            chunk = self.events[i:i + self.layers[net]]
+            chunk = self.events[i : i + self.layers[net]]
             assert len(set(chunk)) == 1, f"one forward mixed BN branches or networks: {sorted(set(chunk))}"
             out.append(chunk[0])
             i += len(chunk)

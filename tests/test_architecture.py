@@ -1,5 +1,6 @@
 """The import rule of docs/architecture.md: a module imports only its own package and
 lower layers, and no stage package imports another stage."""
+
 from __future__ import annotations
 
 import ast
@@ -12,8 +13,9 @@ import amoc
 PACKAGE = Path(amoc.__file__).parent
 
 LAYERS = {  # top-level name under amoc -> layer (docs/architecture.md)
-    **dict.fromkeys(["errors", "version", "config", "io", "schedule", "stopping", "checkpoint", "distributed",
-                     "runtime"], 0),
+    **dict.fromkeys(
+        ["errors", "version", "config", "io", "schedule", "stopping", "checkpoint", "distributed", "runtime"], 0
+    ),
     "data": 1,
     "nets": 2,
     "attacks": 3,
@@ -38,7 +40,7 @@ def imported(path: Path) -> set[str]:
             modules = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # `from amoc import io` names the submodule io; `from amoc import __version__` the root
-            modules = ([f"amoc.{a.name}" for a in node.names] if node.module == "amoc" else [node.module])
+            modules = [f"amoc.{a.name}" for a in node.names] if node.module == "amoc" else [node.module]
         else:
             continue
         for module in modules:
@@ -60,10 +62,13 @@ def test_every_module_has_a_layer():
 def test_imports_follow_the_layers(path):
     me = top_name(path)
     for name in imported(path) - {me}:
-        assert LAYERS[name] <= LAYERS[me], f"{path.relative_to(PACKAGE)} ({me}, layer {LAYERS[me]}) imports " \
-                                           f"{name} (layer {LAYERS[name]}): a lower layer may not import a higher one"
-        assert not (LAYERS[me] == LAYERS[name] == STAGE_LAYER), \
+        assert LAYERS[name] <= LAYERS[me], (
+            f"{path.relative_to(PACKAGE)} ({me}, layer {LAYERS[me]}) imports "
+            f"{name} (layer {LAYERS[name]}): a lower layer may not import a higher one"
+        )
+        assert not (LAYERS[me] == LAYERS[name] == STAGE_LAYER), (
             f"{path.relative_to(PACKAGE)}: stage {me} imports stage {name}; move the shared piece down a layer"
+        )
 
 
 def test_the_rule_catches_a_stage_importing_another(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Params validation: the paper defaults, overrides, and every documented bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +8,10 @@ import shlex
 
 import pytest
 import yaml
+from conftest import REPO
 
 from amoc import cli, config
 from amoc.errors import ConfigError
-
-from conftest import REPO
 
 TABLE = REPO / "docs" / "bad-params.md"
 ROW = re.compile(r"^\| (\d+) \| `(.+)` \| `(.+)` \|$")
@@ -50,8 +50,10 @@ def test_every_variant_is_valid(variant):
 
 
 def test_overrides_keep_types_and_fractions():
-    cfg = config.load(REPO / "params.yaml", ["queue_size=4096", "pretrain.attack.eps=4/255",
-                                             "probe.milestones=[5, 7]", "runtime.compile=true"])
+    cfg = config.load(
+        REPO / "params.yaml",
+        ["queue_size=4096", "pretrain.attack.eps=4/255", "probe.milestones=[5, 7]", "runtime.compile=true"],
+    )
     assert cfg.queue_size == 4096 and isinstance(cfg.queue_size, int)
     assert cfg.pretrain.attack.eps == pytest.approx(4 / 255)
     assert cfg.probe.milestones == [5, 7]
@@ -74,8 +76,24 @@ def test_presets_validate(preset, tmp_path):
 
 def test_set_wins_over_the_preset(tmp_path):
     out = tmp_path / "p.yaml"
-    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "tiny", "--set", "pretrain.epochs=7",
-                     "--set", "seed=3", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "params",
+                "--params",
+                str(REPO / "params.yaml"),
+                "--preset",
+                "tiny",
+                "--set",
+                "pretrain.epochs=7",
+                "--set",
+                "seed=3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cfg = config.load(out)
     assert (cfg.pretrain.epochs, cfg.seed, cfg.data.name) == (7, 3, "digits")  # the rest is the preset's
 
@@ -88,7 +106,9 @@ def test_defaults_follow_the_authors_recipe_and_the_table_preset_their_early_tab
     assert cfg.probe.loss == cfg.finetune.loss == "trades" and cfg.finetune.trades_start == "uniform"
     assert (cfg.finetune.epochs, cfg.finetune.milestones) == (100, [40, 60])
     out = tmp_path / "table.yaml"
-    assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "authors-table", "--out", str(out)]) == 0
+    assert (
+        cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", "authors-table", "--out", str(out)]) == 0
+    )
     table = config.load(out)
     assert table.probe.loss == table.finetune.loss == "pgd_at"
     assert (table.probe.epochs, table.probe.milestones) == (25, [15, 20])

@@ -1,20 +1,52 @@
 """Property test: any params document either loads or fails with one ConfigError line."""
+
 from __future__ import annotations
 
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amoc import config
 from amoc.errors import ConfigError
 
-KEYS = ["variant", "queue_size", "leverage", "seed", "data", "model", "pretrain", "probe",
-        "evaluate", "runtime", "name", "epochs", "batch_size", "eps", "attack", "augment",
-        "crop_scale", "milestones", "md5", "width", "curve_eps", "steps", "bogus"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-                    st.sampled_from(["8/255", "ACA+", "aca_plus", "1/0", "cuda:0", "trades", ""]))
-documents = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)), max_leaves=20)
+KEYS = [
+    "variant",
+    "queue_size",
+    "leverage",
+    "seed",
+    "data",
+    "model",
+    "pretrain",
+    "probe",
+    "evaluate",
+    "runtime",
+    "name",
+    "epochs",
+    "batch_size",
+    "eps",
+    "attack",
+    "augment",
+    "crop_scale",
+    "milestones",
+    "md5",
+    "width",
+    "curve_eps",
+    "steps",
+    "bogus",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["8/255", "ACA+", "aca_plus", "1/0", "cuda:0", "trades", ""]),
+)
+documents = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)),
+    max_leaves=20,
+)
 
 
 def _one_line_or_config(raw):

@@ -1,5 +1,6 @@
 """amoc.runtime: what `auto` picks on each kind of machine (the CPU's bf16 capability
 faked both ways), that explicit settings win, and the one line each stage prints."""
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ def cpu_has(monkeypatch):
 
     def fake(answer):
         monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: answer)
+
     return fake
 
 
@@ -116,11 +118,15 @@ def test_the_fake_environment_variable(monkeypatch):
 def test_the_announcement_is_one_line_on_the_main_rank_only(cpu_has, capsys):
     cpu_has("AMX")
     setup(rc(threads=1), 0, stage="pretrain")
-    assert capsys.readouterr().out == ("amoc pretrain runtime: cpu, bf16 autocast (auto: CPU has AMX), "
-                                       "channels_last on (auto: bf16 on a CPU with AMX), 1 CPU thread\n")
+    assert capsys.readouterr().out == (
+        "amoc pretrain runtime: cpu, bf16 autocast (auto: CPU has AMX), "
+        "channels_last on (auto: bf16 on a CPU with AMX), 1 CPU thread\n"
+    )
     setup(rc(threads=1), 0, stage="evaluate", evaluation=True)
-    assert capsys.readouterr().out == ("amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), "
-                                       "channels_last off (auto: fp32 on cpu), 1 CPU thread\n")
+    assert capsys.readouterr().out == (
+        "amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), "
+        "channels_last off (auto: fp32 on cpu), 1 CPU thread\n"
+    )
     setup(rc(threads=1), 0)  # no stage: silent (benchmarks, tests)
     setup(rc(threads=1), 0, Dist(rank=1, world=2), stage="probe")  # not the main rank
     assert capsys.readouterr().out == ""
@@ -132,21 +138,39 @@ def test_stages_announce_their_runtime(params, tmp_path, capsys, monkeypatch):
     any CPU, slowly) and say so, once each; evaluate says fp32."""
     monkeypatch.setenv(FAKE_CPU_BF16, "1")
     data, enc, clf, ev = (tmp_path / name for name in ("data", "pretrain", "finetune", "eval"))
-    common = ["--params", str(params)] + [a for s in ("runtime.precision=auto", "runtime.device=cpu", "pretrain.epochs=1",
-                                                      "data.train_limit=256", "data.test_limit=64", "finetune.epochs=1",
-                                                      "variant=ACA", "evaluate.autoattack=false")
-                                          for a in ("--set", s)]
+    common = ["--params", str(params)] + [
+        a
+        for s in (
+            "runtime.precision=auto",
+            "runtime.device=cpu",
+            "pretrain.epochs=1",
+            "data.train_limit=256",
+            "data.test_limit=64",
+            "finetune.epochs=1",
+            "variant=ACA",
+            "evaluate.autoattack=false",
+        )
+        for a in ("--set", s)
+    ]
     assert cli.main(["download", *common, "--out", str(data)]) == 0
     capsys.readouterr()
     assert cli.main(["pretrain", *common, "--data", str(data), "--out", str(enc)]) == 0
-    assert cli.main(["finetune", *common, "--init", str(enc / "encoder.pt"), "--data", str(data), "--out", str(clf)]) == 0
-    assert cli.main(["evaluate", *common, "--model", str(clf / "classifier.pt"), "--data", str(data), "--out", str(ev)]) == 0
+    assert (
+        cli.main(["finetune", *common, "--init", str(enc / "encoder.pt"), "--data", str(data), "--out", str(clf)]) == 0
+    )
+    assert (
+        cli.main(["evaluate", *common, "--model", str(clf / "classifier.pt"), "--data", str(data), "--out", str(ev)])
+        == 0
+    )
     lines = [ln for ln in capsys.readouterr().out.splitlines() if " runtime: " in ln]
     amx = "AMX, faked by AMOC_FAKE_CPU_BF16"
     train = f"cpu, bf16 autocast (auto: CPU has {amx}), channels_last on (auto: bf16 on a CPU with {amx}), 1 CPU thread"
-    assert lines == [f"amoc pretrain runtime: {train}", f"amoc finetune runtime: {train}",
-                     "amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), channels_last off (auto: fp32 on cpu), "
-                     "1 CPU thread"]
+    assert lines == [
+        f"amoc pretrain runtime: {train}",
+        f"amoc finetune runtime: {train}",
+        "amoc evaluate runtime: cpu, fp32 (evaluation always runs fp32), channels_last off (auto: fp32 on cpu), "
+        "1 CPU thread",
+    ]
     assert json.loads((enc / "summary.json").read_text())["epochs"] == 1
     assert json.loads((ev / "eval.json").read_text())["settings"]["precision"] == "fp32, TF32 off"
 
@@ -171,8 +195,15 @@ def test_evaluation_turns_tf32_off_and_training_on(monkeypatch, tf32_flags):
     assert rt.amp_dtype is None and rt.attack_amp_dtype is None
 
 
-@pytest.mark.parametrize("precision,attack,expected", [
-    ("fp32", "same", None), ("bf16", "same", torch.bfloat16), ("bf16", "fp32", None), ("fp32", "bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "precision,attack,expected",
+    [
+        ("fp32", "same", None),
+        ("bf16", "same", torch.bfloat16),
+        ("bf16", "fp32", None),
+        ("fp32", "bf16", torch.bfloat16),
+    ],
+)
 def test_attack_precision(precision, attack, expected):
     rt = setup(rc(precision=precision, attack_precision=attack), 0)
     assert rt.attack_amp_dtype == expected
@@ -192,8 +223,20 @@ def test_training_attacks_run_in_the_attack_precision_and_the_update_in_the_trai
     model = Classifier(build_encoder(width=0.0625), 4)
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
-    spec = TrainSpec(loss="pgd_at", epochs=1, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.0, milestones=(),
-                     lr_gamma=0.1, beta=6.0, trades_start="uniform", attack=AttackConfig(steps=2), val_images=0)
+    spec = TrainSpec(
+        loss="pgd_at",
+        epochs=1,
+        batch_size=4,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        milestones=(),
+        lr_gamma=0.1,
+        beta=6.0,
+        trades_start="uniform",
+        attack=AttackConfig(steps=2),
+        val_images=0,
+    )
     rt = setup(rc(precision="fp32", attack_precision="bf16"), 0)
     loss_step(model, spec, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), rt, torch.Generator())
     assert seen == [True, True, False]  # 2 PGD steps, then the training forward

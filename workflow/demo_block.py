@@ -9,6 +9,7 @@ between its `<!-- demo:begin` and `<!-- demo:end -->` markers. tests/test_demo_b
 README's block names the current preset, so changing the preset without re-running the
 demo fails the tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,12 @@ def block(workspace: Path, seconds: int | None) -> str:
         sys.exit(f"{workspace}/report/report.md: expected the downstream and pre-training tables")
     sha = preset_sha256((workspace / "params.yaml").read_text())
     timing = f"{seconds // 60} min {seconds % 60:02d} s" if seconds is not None else "(time not recorded)"
-    return (f"{BEGIN} preset-sha256={sha} -->\n"
-            f"Written by `make demo` (`workflow/demo_block.py`): the whole DAG took {timing} on {cpu_name()}, "
-            f"{platform.python_implementation()} {platform.python_version()}.\n\n"
-            f"{found[0].rstrip()}\n\n{found[1].rstrip()}\n{END}")
+    return (
+        f"{BEGIN} preset-sha256={sha} -->\n"
+        f"Written by `make demo` (`workflow/demo_block.py`): the whole DAG took {timing} on {cpu_name()}, "
+        f"{platform.python_implementation()} {platform.python_version()}.\n\n"
+        f"{found[0].rstrip()}\n\n{found[1].rstrip()}\n{END}"
+    )
 
 
 BLOCK = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), flags=re.S)

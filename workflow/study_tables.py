@@ -8,6 +8,7 @@ markdown: pre-training (loss against log(K+1), k-NN against the random-init enco
 epoch), the linear probes and the fine-tuned models (clean, PGD-20, AutoAttack; last and
 best-on-validation epoch), and what each stage cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def git_show(ws: Path, rev: str, path: str) -> str | None:
 
 def experiments(ws: Path) -> dict[str, str]:
     """name -> commit of every experiment in `dvc exp show --json`."""
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, capture_output=True, text=True,
-                                      check=True).stdout)
+    shown = json.loads(
+        subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, capture_output=True, text=True, check=True).stdout
+    )
     found: dict[str, str] = {}
 
     def walk(node: Any) -> None:
@@ -42,6 +44,7 @@ def experiments(ws: Path) -> dict[str, str]:
                 found.setdefault(node["name"], node["rev"])
             for value in node.values():
                 walk(value)
+
     walk(shown)
     return found
 
@@ -74,8 +77,10 @@ def main() -> int:
     revs = experiments(ws)
     out = []
     out.append("### Pre-training\n")
-    out.append("| experiment | variant | enqueue order | epochs | final loss | log(K+1) | k-NN (%) | random-init k-NN (%) "
-               "| k-NN per epoch (%) | pre-training min |")
+    out.append(
+        "| experiment | variant | enqueue order | epochs | final loss | log(K+1) | k-NN (%) | random-init k-NN (%) "
+        "| k-NN per epoch (%) | pre-training min |"
+    )
     out.append("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
     for name in EXPERIMENTS:
         rev = revs.get(name)
@@ -86,13 +91,19 @@ def main() -> int:
             continue
         curve = ", ".join(pct(float(r["knn_acc"])) for r in log or [] if r.get("knn_acc"))
         order = "moco" if name.endswith("moco") else "authors"
-        out.append(f"| {name} | {s['variant']} | {order} | {s['epochs']} | {num(s['loss'], 3)} | {num(s['log_k_plus_1'], 3)} "
-                   f"| {pct(s['knn_acc'])} | {pct(s['knn_random_acc'])} | {curve} | {minutes(s.get('seconds'))} |")
+        out.append(
+            f"| {name} | {s['variant']} | {order} | {s['epochs']} | {num(s['loss'], 3)} | {num(s['log_k_plus_1'], 3)} "
+            f"| {pct(s['knn_acc'])} | {pct(s['knn_random_acc'])} | {curve} | {minutes(s.get('seconds'))} |"
+        )
     n_aa: set = set()
-    out.append("\n### Downstream models (test set: clean and PGD-20 on every test image; AutoAttack on the first "
-               "N_AA, with the clean accuracy on those same images in brackets)\n")
-    out.append("| experiment | model | epoch | clean (%) | PGD-20 (%) | AutoAttack (%) [clean] | best epoch on validation "
-               "| clean (%) | PGD-20 (%) | AutoAttack (%) [clean] | training min |")
+    out.append(
+        "\n### Downstream models (test set: clean and PGD-20 on every test image; AutoAttack on the first "
+        "N_AA, with the clean accuracy on those same images in brackets)\n"
+    )
+    out.append(
+        "| experiment | model | epoch | clean (%) | PGD-20 (%) | AutoAttack (%) [clean] | best epoch on validation "
+        "| clean (%) | PGD-20 (%) | AutoAttack (%) [clean] | training min |"
+    )
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in EXPERIMENTS:
         rev = revs.get(name)
@@ -106,10 +117,12 @@ def main() -> int:
             same = " (= last)" if b.get("same_as_last") else ""
             sub, bsub = ev.get("subset") or {}, b.get("subset") or {}
             n_aa.add(sub.get("n_images"))
-            out.append(f"| {name} | {label} | {ev.get('epoch')} | {num(ev['clean_acc'])} | {num(ev['pgd_acc'])} "
-                       f"| {num(ev['autoattack_acc'])} [{num(sub.get('clean_acc'))}] | {b.get('epoch', 'n/a')}{same} "
-                       f"| {num(b.get('clean_acc'))} | {num(b.get('pgd_acc'))} | {num(b.get('autoattack_acc'))} "
-                       f"[{num(bsub.get('clean_acc'))}] | {minutes(tr.get('seconds'))} |")
+            out.append(
+                f"| {name} | {label} | {ev.get('epoch')} | {num(ev['clean_acc'])} | {num(ev['pgd_acc'])} "
+                f"| {num(ev['autoattack_acc'])} [{num(sub.get('clean_acc'))}] | {b.get('epoch', 'n/a')}{same} "
+                f"| {num(b.get('clean_acc'))} | {num(b.get('pgd_acc'))} | {num(b.get('autoattack_acc'))} "
+                f"[{num(bsub.get('clean_acc'))}] | {minutes(tr.get('seconds'))} |"
+            )
     out = [line.replace("N_AA", ", ".join(str(n) for n in sorted(n_aa - {None})) or "?") for line in out]
     if args.seconds is not None:
         out.append(f"\nThe whole study took {args.seconds // 60} min {args.seconds % 60:02d} s of wall clock.")

@@ -9,6 +9,7 @@
 The pre-training attack (the contrastive objective) lives with pre-training
 (amoc.pretrain.attack) and calls `pgd` here.
 """
+
 from amoc.attacks.pgd import pgd, pgd_linf
 
 __all__ = ["pgd", "pgd_linf"]

@@ -1,6 +1,7 @@
 """Batched per-image correctness of a classifier, clean or under an attack: the one
 counting loop behind `amoc evaluate` (clean, PGD, AutoAttack, corruptions) and
 `amoc transfer`."""
+
 from __future__ import annotations
 
 from typing import Callable, Literal
@@ -16,9 +17,17 @@ from amoc.runtime import Runtime
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images in [0, 1], labels) -> images
 
 
-def correct(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, rt: Runtime,
-            batch_size: int, attack: Attack | None = None, *, layout: Literal["NCHW", "NHWC"] = "NCHW",
-            desc: str | None = None) -> torch.Tensor:
+def correct(
+    model: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    rt: Runtime,
+    batch_size: int,
+    attack: Attack | None = None,
+    *,
+    layout: Literal["NCHW", "NHWC"] = "NCHW",
+    desc: str | None = None,
+) -> torch.Tensor:
     """Whether model(attack(x)) predicts each label (bool N, on rt.device), in batches.
 
     `images`: uint8 (scaled to [0, 1]) or float in [0, 1], a tensor or a numpy array (read-only
@@ -28,8 +37,8 @@ def correct(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.T
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None or not rt.progress, leave=False):
-        xb = _tensor(images[start:start + batch_size]).to(rt.device)
-        yb = _tensor(labels[start:start + batch_size]).to(rt.device).long()
+        xb = _tensor(images[start : start + batch_size]).to(rt.device)
+        yb = _tensor(labels[start : start + batch_size]).to(rt.device).long()
         if layout == "NHWC":
             xb = xb.permute(0, 3, 1, 2)
         xb = rt.images(xb.float().div_(255) if xb.dtype == torch.uint8 else xb)
@@ -38,8 +47,10 @@ def correct(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.T
         with torch.no_grad():
             logits = model(xb)
         if len(yb) and logits.shape[1] <= int(yb.max()):
-            raise DataError(f"the classifier predicts {logits.shape[1]} classes but a label is {int(yb.max())}; "
-                            "evaluate on the data set it was trained on")
+            raise DataError(
+                f"the classifier predicts {logits.shape[1]} classes but a label is {int(yb.max())}; "
+                "evaluate on the data set it was trained on"
+            )
         out.append(logits.argmax(1) == yb)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=rt.device)
 

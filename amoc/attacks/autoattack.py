@@ -7,6 +7,7 @@ builds them with 10; Harry24k/adversarial-attacks-pytorch#196), and Square's fix
 schedule of the patch size (the original runs it with `resc_schedule=False`; torchattacks'
 default True rescales the schedule to the query budget).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,8 @@ from torch import nn
 from amoc.attacks.accuracy import correct
 from amoc.runtime import Runtime
 
-AUTOATTACK_STEPS = 100        # APGD-CE, APGD-T and FAB-T iterations of standard AutoAttack
-AUTOATTACK_QUERIES = 5000     # Square
+AUTOATTACK_STEPS = 100  # APGD-CE, APGD-T and FAB-T iterations of standard AutoAttack
+AUTOATTACK_QUERIES = 5000  # Square
 SQUARE_RESCALE_SCHEDULE = False  # as the original standard AutoAttack
 
 
@@ -38,8 +39,17 @@ def build_autoattack(model: nn.Module, eps: float, num_classes: int, seed: int, 
     return aa
 
 
-def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int,
-                       eps: float, num_classes: int, seed: int, steps: int | None = None) -> tuple[torch.Tensor, float]:
+def autoattack_correct(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rt: Runtime,
+    batch_size: int,
+    eps: float,
+    num_classes: int,
+    seed: int,
+    steps: int | None = None,
+) -> tuple[torch.Tensor, float]:
     """(correct after AutoAttack, largest L-inf perturbation it returned)."""
     aa = build_autoattack(model, eps, num_classes, seed, steps)
     worst = [0.0]
@@ -60,6 +70,7 @@ def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: R
 def torchattacks_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("torchattacks")
     except Exception:  # pragma: no cover - metadata missing in odd installs
         return "unknown"

@@ -1,5 +1,6 @@
 """The cross-entropy objective: untargeted PGD on a classifier's loss (PGD-AT training,
 PGD-20 evaluation, transfer examples)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -24,8 +25,14 @@ def ce_objective(model: Model, y: torch.Tensor) -> Objective:
     return objective
 
 
-def ce_pgd(model: Model, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig,
-           generator: torch.Generator | None = None, shard: Shard = Shard()) -> torch.Tensor:
+def ce_pgd(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator | None = None,
+    shard: Shard = Shard(),
+) -> torch.Tensor:
     """Untargeted L-inf PGD on the cross-entropy, images in [0, 1]. The caller chooses
     the model's mode (attacks run in eval mode). `shard`: x is this rank's part of a
     global batch (the random start is drawn for all of it)."""

@@ -5,6 +5,7 @@ and downstream training/evaluation (cross-entropy or the TRADES KL term). Each s
 costs a forward plus a backward *to the input only* (`torch.autograd.grad`), so no
 weight gradients are computed or accumulated.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -17,9 +18,17 @@ from amoc.distributed import Shard
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
 
-def pgd_linf(x: torch.Tensor, objective: Objective, *, eps: float, step_size: float, steps: int,
-             random_start: bool = True, generator: torch.Generator | None = None,
-             start: torch.Tensor | None = None) -> torch.Tensor:
+def pgd_linf(
+    x: torch.Tensor,
+    objective: Objective,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Maximise `objective(x_adv)` (a scalar; sum over the batch so every sample's
     step is independent of batch size) over the eps-ball around x, images in [0, 1].
 
@@ -49,8 +58,9 @@ def pgd_linf(x: torch.Tensor, objective: Objective, *, eps: float, step_size: fl
     return x_adv.detach()
 
 
-def global_start(x: torch.Tensor, attack: AttackConfig, generator: torch.Generator | None, shard: Shard,
-                 views: int = 1) -> torch.Tensor | None:
+def global_start(
+    x: torch.Tensor, attack: AttackConfig, generator: torch.Generator | None, shard: Shard, views: int = 1
+) -> torch.Tensor | None:
     """PGD's uniform random start for this rank's rows of a data-parallel batch: the
     noise is drawn for the whole global batch (as one process draws it) and cut to this
     rank's rows, so no image's start depends on the number of ranks. `x` stacks `views`
@@ -65,10 +75,23 @@ def global_start(x: torch.Tensor, attack: AttackConfig, generator: torch.Generat
     return x + (2 * noise - 1) * attack.eps
 
 
-def pgd(x: torch.Tensor, objective: Objective, attack: AttackConfig, generator: torch.Generator | None = None,
-        shard: Shard = Shard(), views: int = 1) -> torch.Tensor:
+def pgd(
+    x: torch.Tensor,
+    objective: Objective,
+    attack: AttackConfig,
+    generator: torch.Generator | None = None,
+    shard: Shard = Shard(),
+    views: int = 1,
+) -> torch.Tensor:
     """`pgd_linf` with the settings of an `AttackConfig` (eps, step = step_ratio * eps,
     steps, random start) and the global-batch start of a data-parallel `shard`."""
-    return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                    random_start=attack.random_start, generator=generator,
-                    start=global_start(x, attack, generator, shard, views))
+    return pgd_linf(
+        x,
+        objective,
+        eps=attack.eps,
+        step_size=attack.step_size,
+        steps=attack.steps,
+        random_start=attack.random_start,
+        generator=generator,
+        start=global_start(x, attack, generator, shard, views),
+    )

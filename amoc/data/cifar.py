@@ -6,6 +6,7 @@ needed to rebuild an array and refuses everything else by name. The official fil
 Python-2 pickles (byte-string keys and data); `encoding="latin1"` reads those as str,
 which numpy turns back into the exact bytes, and reads protocol-4 re-packs unchanged.
 """
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise DataError(f"{self.where}: refused to unpickle: it calls the global {module}.{name}, which a "
-                            "data batch never needs (the file may be malicious); use the official archive") from None
+            raise DataError(
+                f"{self.where}: refused to unpickle: it calls the global {module}.{name}, which a "
+                "data batch never needs (the file may be malicious); use the official archive"
+            ) from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise DataError(f"{self.where}: refused to unpickle: it uses persistent ids; use the official archive")
@@ -62,9 +65,11 @@ def safe_loads(data: bytes, where: str) -> Any:
         obj = RestrictedUnpickler(data, where).load()
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of a corrupt pickle is a data problem
-        raise DataError(f"{where}: not a valid pickled batch ({type(exc).__name__}); the archive is corrupt or "
-                        "not a CIFAR python-version archive") from None
+    except Exception as exc:
+        raise DataError(
+            f"{where}: not a valid pickled batch ({type(exc).__name__}); the archive is corrupt or "
+            "not a CIFAR python-version archive"
+        ) from None
     return _str_keys(obj)
 
 
@@ -79,10 +84,20 @@ def _str_keys(obj: Any) -> Any:
 
 # Per data set: member basenames of each split (in order), the meta file, and the keys.
 LAYOUTS = {
-    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
-                "meta": "batches.meta", "names": "label_names", "labels": "labels"},
-    "cifar100": {"train": ["train"], "test": ["test"],
-                 "meta": "meta", "names": "fine_label_names", "labels": "fine_labels"},
+    "cifar10": {
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "names": "label_names",
+        "labels": "labels",
+    },
+    "cifar100": {
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "names": "fine_label_names",
+        "labels": "fine_labels",
+    },
 }
 
 
@@ -100,8 +115,10 @@ def read_archive(path: Path, name: str, max_bytes: int) -> Splits:
         found[base] = safe_loads(read(), f"{path}:{'/'.join(parts)}")
     missing = sorted(wanted - set(found))
     if missing:
-        raise DataError(f"{path}: missing {', '.join(missing)}; data.name={name} needs the CIFAR "
-                        f"python-version archive ({'cifar-10' if name == 'cifar10' else 'cifar-100'}-python.tar.gz)")
+        raise DataError(
+            f"{path}: missing {', '.join(missing)}; data.name={name} needs the CIFAR "
+            f"python-version archive ({'cifar-10' if name == 'cifar10' else 'cifar-100'}-python.tar.gz)"
+        )
     classes = _class_names(found[layout["meta"]], layout["names"], f"{path}:{layout['meta']}")
     splits = {}
     for split in ("train", "test"):
@@ -113,18 +130,24 @@ def read_archive(path: Path, name: str, max_bytes: int) -> Splits:
 def _class_names(meta: Any, key: str, where: str) -> list[str]:
     names = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{where}: no list of class names under {key!r}; the archive is not a CIFAR python-version archive")
+        raise DataError(
+            f"{where}: no list of class names under {key!r}; the archive is not a CIFAR python-version archive"
+        )
     return names
 
 
 def _batch(batch: Any, label_key: str, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(images N x 3 x 32 x 32 uint8, labels N int64) of one batch, after checking its shape."""
     if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
-        raise DataError(f"{where}: expected a dict with 'data' and {label_key!r}; the archive is not a CIFAR python-version archive")
+        raise DataError(
+            f"{where}: expected a dict with 'data' and {label_key!r}; the archive is not a CIFAR python-version archive"
+        )
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{where}: 'data' is {desc}, expected uint8 N x 3072; the archive is not a CIFAR python-version archive")
+        raise DataError(
+            f"{where}: 'data' is {desc}, expected uint8 N x 3072; the archive is not a CIFAR python-version archive"
+        )
     labels = np.asarray(batch[label_key])
     if labels.dtype.kind not in "iu" or labels.shape != (len(data),):
         raise DataError(f"{where}: {label_key!r} must be {len(data)} integers, got {labels.dtype} {labels.shape}")

@@ -9,6 +9,7 @@
 `amoc corruptions` writes it (source.json last: its presence marks a complete set) and
 `amoc evaluate --corruptions` reads it. Every file is written atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,11 @@ OUTPUTS = (SOURCE_JSON, LABELS) + tuple(f"{name}.npy" for name in CORRUPTIONS)
 
 def write_array(folder: Path, name: str, array: np.ndarray) -> None:
     """Atomic np.save (through a file object: np.save appends .npy to a bare temp path)."""
+
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+
     write_with(folder / f"{name}.npy", save)
 
 
@@ -79,7 +82,9 @@ def _load(path: Path, mmap: bool = False) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: unreadable ({type(exc).__name__}); rerun `amoc corruptions --out {path.parent}`") from None
+        raise DataError(
+            f"{path}: unreadable ({type(exc).__name__}); rerun `amoc corruptions --out {path.parent}`"
+        ) from None
 
 
 def read(folder: str | os.PathLike) -> CorruptedSet:
@@ -87,7 +92,9 @@ def read(folder: str | os.PathLike) -> CorruptedSet:
     folder = Path(folder)
     meta = folder / SOURCE_JSON
     if not meta.is_file():
-        raise DataError(f"{meta}: not found; {folder} is not a complete corrupted set, run `amoc corruptions --out {folder}` first")
+        raise DataError(
+            f"{meta}: not found; {folder} is not a complete corrupted set, run `amoc corruptions --out {folder}` first"
+        )
     try:
         info = json.loads(meta.read_text())
         names, severities, n = list(info["names"]), [int(s) for s in info["severities"]], int(info["n_images"])
@@ -102,6 +109,8 @@ def read(folder: str | os.PathLike) -> CorruptedSet:
     for name in names:
         arr = _load(folder / f"{name}.npy", mmap=True)
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[0] != rows or arr.shape[3] != 3:
-            raise DataError(f"{folder / name}.npy: expected uint8 {rows} x H x W x 3, got {arr.dtype} {arr.shape}; "
-                            "rerun `amoc corruptions`")
+            raise DataError(
+                f"{folder / name}.npy: expected uint8 {rows} x H x W x 3, got {arr.dtype} {arr.shape}; "
+                "rerun `amoc corruptions`"
+            )
     return CorruptedSet(folder, info, names, severities, n, labels.astype(np.int64))

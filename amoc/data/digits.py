@@ -6,6 +6,7 @@ keeps the 32x32 input size the CIFAR ResNet expects. Grey is replicated to 3 cha
 Split: within each class, every 5th image (ranks 4, 9, 14, ...) goes to test, which
 gives a deterministic, stratified 1,442 / 355 split in the original order.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,9 +22,9 @@ def load() -> Splits:
 
     digits = load_digits()
     y = digits.target.astype(np.int64)
-    x8 = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)           # N x 8 x 8
-    x32 = x8.repeat(UPSAMPLE, axis=1).repeat(UPSAMPLE, axis=2)               # N x 32 x 32
-    x = np.ascontiguousarray(np.repeat(x32[:, None], 3, axis=1))             # N x 3 x 32 x 32
+    x8 = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # N x 8 x 8
+    x32 = x8.repeat(UPSAMPLE, axis=1).repeat(UPSAMPLE, axis=2)  # N x 32 x 32
+    x = np.ascontiguousarray(np.repeat(x32[:, None], 3, axis=1))  # N x 3 x 32 x 32
     rank = np.empty(len(y), dtype=np.int64)
     for c in np.unique(y):
         members = np.flatnonzero(y == c)

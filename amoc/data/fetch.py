@@ -5,6 +5,7 @@ hashed where they lie (never copied). Remote files are streamed into a `.part` f
 a private work folder and renamed only after the digest matches, so an interrupted or
 corrupt download never leaves a file that looks complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,11 +37,11 @@ ALGORITHMS = ("sha256", "md5")
 
 @dataclass(frozen=True)
 class Source:
-    text: str                     # as the user gave it (or the official URL); goes into stats.json
-    url: str | None = None        # http(s) URL to download
-    path: Path | None = None      # local file or folder
+    text: str  # as the user gave it (or the official URL); goes into stats.json
+    url: str | None = None  # http(s) URL to download
+    path: Path | None = None  # local file or folder
     expected: dict[str, str] = field(default_factory=dict)  # algorithm -> lower-case hex digest
-    key: str = "data"             # the params section, for error messages
+    key: str = "data"  # the params section, for error messages
 
 
 def resolve(data: DataConfig) -> Source:
@@ -48,16 +49,37 @@ def resolve(data: DataConfig) -> Source:
     download or read starts."""
     official_url, official_md5 = OFFICIAL.get(data.name, (None, None))
     if not data.source.strip() and official_url is None:
-        raise DataError(f"data.source is empty and data.name={data.name} has no official download; "
-                        "set data.source to a folder or a .tar.gz of <root>/{train,test}/<class>/*.png|jpg")
+        raise DataError(
+            f"data.source is empty and data.name={data.name} has no official download; "
+            "set data.source to a folder or a .tar.gz of <root>/{train,test}/<class>/*.png|jpg"
+        )
     folder_ok = data.name == "folder"
-    why = "" if folder_ok else f", but data.name={data.name} needs the python-version archive (.tar.gz); point data.source at the archive"
-    return resolve_source(data.source, data.md5, data.sha256, official=(official_url, official_md5) if official_url else None,
-                          key="data", allow_dir=folder_ok, dir_hint=why)
+    why = (
+        ""
+        if folder_ok
+        else f", but data.name={data.name} needs the python-version archive (.tar.gz); point data.source at the archive"
+    )
+    return resolve_source(
+        data.source,
+        data.md5,
+        data.sha256,
+        official=(official_url, official_md5) if official_url else None,
+        key="data",
+        allow_dir=folder_ok,
+        dir_hint=why,
+    )
 
 
-def resolve_source(text: str, md5: str = "", sha256: str = "", *, official: tuple[str, str] | None = None,
-                   key: str = "data", allow_dir: bool = False, dir_hint: str = "") -> Source:
+def resolve_source(
+    text: str,
+    md5: str = "",
+    sha256: str = "",
+    *,
+    official: tuple[str, str] | None = None,
+    key: str = "data",
+    allow_dir: bool = False,
+    dir_hint: str = "",
+) -> Source:
     """A Source from a URL or path plus optional digests (reusable by other stages).
 
     `text` "" means the official (url, md5); a custom archive must come with a digest,
@@ -74,28 +96,41 @@ def resolve_source(text: str, md5: str = "", sha256: str = "", *, official: tupl
     elif scheme == "file":
         source = Source(text, path=_file_url_path(text, key), expected=expected, key=key)
     elif scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise DataError(f"{key}.source: {text!r} uses the unsupported scheme {scheme}://; use http(s)://, file:// or a local path")
+        raise DataError(
+            f"{key}.source: {text!r} uses the unsupported scheme {scheme}://; use http(s)://, file:// or a local path"
+        )
     else:
         source = Source(text, path=Path(text).expanduser().resolve(), expected=expected, key=key)
     if source.path is not None and not source.path.exists():
-        raise DataError(f"{key}.source: {source.path} does not exist; check the path (relative paths start at the current folder)")
+        raise DataError(
+            f"{key}.source: {source.path} does not exist; check the path (relative paths start at the current folder)"
+        )
     if source.path is not None and source.path.is_dir():
         if not allow_dir:
-            raise DataError(f"{key}.source: {source.path} is a folder{dir_hint or ', but an archive is needed; point it at the archive file'}")
+            raise DataError(
+                f"{key}.source: {source.path} is a "
+                f"folder{dir_hint or ', but an archive is needed; point it at the archive file'}"
+            )
         if expected:
-            raise DataError(f"{key}.source: {source.path} is a folder and cannot be checksummed; "
-                            f"clear {key}.md5/{key}.sha256 or point {key}.source at an archive")
+            raise DataError(
+                f"{key}.source: {source.path} is a folder and cannot be checksummed; "
+                f"clear {key}.md5/{key}.sha256 or point {key}.source at an archive"
+            )
     elif not expected:
-        raise DataError(f"{key}.source: {text!r} is a custom archive without a checksum; set {key}.sha256 "
-                        f"(or {key}.md5) to its published digest, e.g. the output of `sha256sum FILE`")
+        raise DataError(
+            f"{key}.source: {text!r} is a custom archive without a checksum; set {key}.sha256 "
+            f"(or {key}.md5) to its published digest, e.g. the output of `sha256sum FILE`"
+        )
     return source
 
 
 def _file_url_path(url: str, key: str) -> Path:
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
-        raise DataError(f"{key}.source: {url!r} names host {parts.netloc!r}; a file:// URL needs an absolute path "
-                        "such as file:///data/x.tar.gz (or give a plain path)")
+        raise DataError(
+            f"{key}.source: {url!r} names host {parts.netloc!r}; a file:// URL needs an absolute path "
+            "such as file:///data/x.tar.gz (or give a plain path)"
+        )
     return Path(urllib.request.url2pathname(parts.path)).expanduser().resolve()
 
 
@@ -106,7 +141,9 @@ def fetch(source: Source, workdir: Path, progress: bool) -> tuple[Path, str | No
     path = source.path
     assert path is not None
     if not path.exists():
-        raise DataError(f"{source.key}.source: {path} does not exist; check the path (relative paths start at the current folder)")
+        raise DataError(
+            f"{source.key}.source: {path} does not exist; check the path (relative paths start at the current folder)"
+        )
     if path.is_dir():
         return path, None
     digests = hash_file(path, source.expected)
@@ -121,7 +158,9 @@ def hash_file(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
                 for h in hashes.values():
                     h.update(chunk)
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__}); check the file and its permissions") from None
+        raise DataError(
+            f"{path}: cannot read ({exc.strerror or type(exc).__name__}); check the file and its permissions"
+        ) from None
     return {a: h.hexdigest() for a, h in hashes.items()}
 
 
@@ -129,8 +168,10 @@ def verify(path: Path | str, expected: dict[str, str], actual: dict[str, str], k
     """Raise on the first mismatch; return the strongest verified digest as "algo:hex"."""
     for algo in ALGORITHMS:
         if algo in expected and actual[algo] != expected[algo]:
-            raise DataError(f"{path}: {algo} mismatch: expected {expected[algo]}, got {actual[algo]}; the file is "
-                            f"corrupt or not the expected one - fetch it again or correct {key}.{algo}")
+            raise DataError(
+                f"{path}: {algo} mismatch: expected {expected[algo]}, got {actual[algo]}; the file is "
+                f"corrupt or not the expected one - fetch it again or correct {key}.{algo}"
+            )
     algo = next(a for a in ALGORITHMS if a in expected)
     return f"{algo}:{actual[algo]}"
 
@@ -145,8 +186,16 @@ def _download(source: Source, workdir: Path, progress: bool) -> tuple[Path, str]
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as fh:
             total = content_length(response)
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                      disable=not progress, file=sys.stderr, leave=False) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            ) as bar:
                 while chunk := response.read(CHUNK):
                     fh.write(chunk)
                     for h in hashes.values():
@@ -157,10 +206,14 @@ def _download(source: Source, workdir: Path, progress: bool) -> tuple[Path, str]
             raise DataError(f"{url}: download interrupted after {received} of {total} bytes; rerun to try again")
     except urllib.error.HTTPError as exc:
         part.unlink(missing_ok=True)
-        raise DataError(f"{url}: download failed with HTTP {exc.code} {exc.reason}; check {source.key}.source") from None
+        raise DataError(
+            f"{url}: download failed with HTTP {exc.code} {exc.reason}; check {source.key}.source"
+        ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         part.unlink(missing_ok=True)
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc.strerror or str(exc) or type(exc).__name__
+        reason = (
+            exc.reason if isinstance(exc, urllib.error.URLError) else exc.strerror or str(exc) or type(exc).__name__
+        )
         what = f"download interrupted after {received} bytes" if received else "download failed"
         raise DataError(f"{url}: {what} ({reason}); check the network and the URL, then rerun") from None
     except BaseException:

@@ -10,6 +10,7 @@ round-robin over classes (the 1st image of every class, then the 2nd, ...), so t
 "the first N images" (data.train_limit, evaluate.n_images) are class-balanced instead
 of N images of the first class.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,7 +56,9 @@ def _read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__}); check the file and its permissions") from None
+        raise DataError(
+            f"{path}: cannot read ({exc.strerror or type(exc).__name__}); check the file and its permissions"
+        ) from None
 
 
 def _layout(files, source: Path) -> list[Entry]:
@@ -93,8 +96,10 @@ def _decode_splits(entries: list[Entry], source: Path, max_bytes: int) -> Splits
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({cls for split, cls, _, _ in entries if split == "test"} - set(classes))
     if unknown:
-        raise DataError(f"{source}: test classes {', '.join(unknown)} have no training images; "
-                        "every test class needs a train/<class>/ folder")
+        raise DataError(
+            f"{source}: test classes {', '.join(unknown)} have no training images; "
+            "every test class needs a train/<class>/ folder"
+        )
     out = {}
     shape: tuple[int, int] | None = None
     for split in SPLITS:
@@ -112,8 +117,10 @@ def _decode_splits(entries: list[Entry], source: Path, max_bytes: int) -> Splits
         for i, e in enumerate(ordered):
             img = first if i == 0 else _decode(e, source, max_bytes)
             if img.shape[:2] != shape:
-                raise DataError(f"{_where(e, source)}: image is {img.shape[1]}x{img.shape[0]}, but the first training "
-                                f"image is {shape[1]}x{shape[0]}; resize all images to one size")
+                raise DataError(
+                    f"{_where(e, source)}: image is {img.shape[1]}x{img.shape[0]}, but the first training "
+                    f"image is {shape[1]}x{shape[0]}; resize all images to one size"
+                )
             x[i] = img.transpose(2, 0, 1)
         y = np.array([index[e[1]] for e in ordered], dtype=np.int64)
         out[split] = (x, y)
@@ -138,9 +145,12 @@ def _decode(e: Entry, source: Path, max_bytes: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
             if im.width * im.height * 3 > max_bytes:
-                raise DataError(f"{_where(e, source)}: {im.width}x{im.height} image is larger than "
-                                f"data.max_member_mb={max_bytes // 2**20} when decoded; use smaller images")
+                raise DataError(
+                    f"{_where(e, source)}: {im.width}x{im.height} image is larger than "
+                    f"data.max_member_mb={max_bytes // 2**20} when decoded; use smaller images"
+                )
             return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{_where(e, source)}: not a readable PNG/JPEG image ({type(exc).__name__}); "
-                        "remove or replace the file") from None
+        raise DataError(
+            f"{_where(e, source)}: not a readable PNG/JPEG image ({type(exc).__name__}); remove or replace the file"
+        ) from None

@@ -4,6 +4,7 @@ A prepared folder holds `train.npz` and `test.npz` (arrays `x`: N x 3 x H x W ui
 `y`: N int64) and `stats.json` (class names, counts per split and class, and the
 per-channel mean/std that the model's input normalisation uses).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,10 @@ def load_split(folder: str | os.PathLike, split: str) -> tuple[torch.Tensor, tor
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: unreadable prepared data ({type(exc).__name__}); rerun `amoc download`") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or y.shape != (x.shape[0],):
-        raise DataError(f"{path}: expected x uint8 N x 3 x H x W and y of length N, got x {x.dtype} {x.shape}, y {y.shape}; rerun `amoc download`")
+        raise DataError(
+            f"{path}: expected x uint8 N x 3 x H x W and y of length N, got x {x.dtype} {x.shape}, y {y.shape}; "
+            "rerun `amoc download`"
+        )
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
 

@@ -5,6 +5,7 @@ parses them there. Every member is still checked, because an archive that carrie
 path-traversal name, a link or a device node was built by someone who meant harm (or
 is not the archive the user thinks it is), and we would rather refuse it than guess.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,10 +31,16 @@ def check_member(member: tarfile.TarInfo, archive: Path, max_bytes: int) -> None
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
         raise DataError(f"{where} has an absolute path; refusing the archive (use a trusted copy of the data set)")
     if ".." in member_parts(name):
-        raise DataError(f"{where} contains '..' and would escape the target folder; refusing the archive (use a trusted copy of the data set)")
+        raise DataError(
+            f"{where} contains '..' and would escape the target folder; refusing the archive (use a trusted "
+            "copy of the data set)"
+        )
     if member.issym() or member.islnk():
         kind = "symlink" if member.issym() else "hardlink"
-        raise DataError(f"{where} is a {kind} (to {member.linkname!r}); links are not allowed in data archives, repack it without links")
+        raise DataError(
+            f"{where} is a {kind} (to {member.linkname!r}); links are not allowed in data archives, repack it "
+            "without links"
+        )
     if member.ischr() or member.isblk() or member.isfifo():
         kind = "character device" if member.ischr() else "block device" if member.isblk() else "fifo"
         raise DataError(f"{where} is a {kind}; only plain files and folders are allowed in data archives")
@@ -42,8 +49,10 @@ def check_member(member: tarfile.TarInfo, archive: Path, max_bytes: int) -> None
     if not (member.isfile() or member.isdir()):
         raise DataError(f"{where} has unsupported tar type {member.type!r}; only plain files and folders are allowed")
     if member.size > max_bytes:
-        raise DataError(f"{where} is {member.size / 2**20:.1f} MiB, above data.max_member_mb={max_bytes // 2**20}; "
-                        "raise data.max_member_mb if the archive is trusted")
+        raise DataError(
+            f"{where} is {member.size / 2**20:.1f} MiB, above data.max_member_mb={max_bytes // 2**20}; "
+            "raise data.max_member_mb if the archive is trusted"
+        )
 
 
 def open_archive(path: Path) -> tarfile.TarFile:
@@ -51,8 +60,10 @@ def open_archive(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, mode="r:*")
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"{path}: not a readable tar archive ({type(exc).__name__}); "
-                        "check data.source points at a .tar.gz/.tgz/.tar file") from None
+        raise DataError(
+            f"{path}: not a readable tar archive ({type(exc).__name__}); "
+            "check data.source points at a .tar.gz/.tgz/.tar file"
+        ) from None
 
 
 def iter_files(path: Path, max_bytes: int) -> Iterator[tuple[tuple[str, ...], "ReadMember"]]:
@@ -66,7 +77,9 @@ def iter_files(path: Path, max_bytes: int) -> Iterator[tuple[tuple[str, ...], "R
                 if member.isfile():
                     yield member_parts(member.name), ReadMember(tar, member, path)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # e.g. a truncated .gz
-            raise DataError(f"{path}: corrupt or truncated archive ({type(exc).__name__}: {exc}); download it again") from None
+            raise DataError(
+                f"{path}: corrupt or truncated archive ({type(exc).__name__}: {exc}); download it again"
+            ) from None
 
 
 class ReadMember:
@@ -80,9 +93,10 @@ class ReadMember:
             handle = self.tar.extractfile(self.member)
             data = handle.read() if handle is not None else b""
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise DataError(f"{self.archive}: member {self.member.name!r} is unreadable ({type(exc).__name__}); "
-                            "the archive is corrupt, download it again") from None
+            raise DataError(
+                f"{self.archive}: member {self.member.name!r} is unreadable ({type(exc).__name__}); "
+                "the archive is corrupt, download it again"
+            ) from None
         if len(data) != self.member.size:
             raise DataError(f"{self.archive}: member {self.member.name!r} is truncated; download the archive again")
         return data
-

@@ -1,4 +1,5 @@
 """The in-memory result of every reader: train/test arrays plus class names."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ def channel_mean_std(x: np.ndarray, chunk: int = 2048) -> tuple[list[float], lis
     total = np.zeros(x.shape[1], dtype=np.uint64)
     squares = np.zeros(x.shape[1], dtype=np.uint64)
     for i in range(0, len(x), chunk):
-        part = x[i:i + chunk].reshape(-1, x.shape[1], x.shape[2] * x.shape[3]).astype(np.uint32)
+        part = x[i : i + chunk].reshape(-1, x.shape[1], x.shape[2] * x.shape[3]).astype(np.uint32)
         total += part.sum(axis=(0, 2), dtype=np.uint64)
         squares += (part * part).sum(axis=(0, 2), dtype=np.uint64)
     n = x.shape[0] * x.shape[2] * x.shape[3]
@@ -63,9 +64,12 @@ def validation_split(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndar
     share[: n_val % len(classes)] += 1
     if (share >= counts).any():
         c = int(classes[np.argmax(share >= counts)])
-        raise ValueError(f"{n_val} validation images need {int(share.max())} of class {c}, which has only "
-                         f"{int(counts[classes == c][0])} training images")
+        raise ValueError(
+            f"{n_val} validation images need {int(share.max())} of class {c}, which has only "
+            f"{int(counts[classes == c][0])} training images"
+        )
     rng = np.random.default_rng(seed)
-    val_idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k]
-                                      for c, k in zip(classes, share, strict=True)]))
+    val_idx = np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, share, strict=True)])
+    )
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx

@@ -5,6 +5,7 @@ and the three files are written atomically; if anything fails (a bad source incl
 none of them remains, nor any temp or download file, so a later stage never reads a mix
 of runs or the outputs of other params. Files that are not ours are left alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,21 +42,29 @@ def run(cfg: Config, args: Any) -> int:
             source = fetch.resolve(data)
             path, checksum = fetch.fetch(source, work, cfg.runtime.progress)
             text = source.text
-            splits = folder.read(path, max_bytes) if data.name == "folder" else cifar.read_archive(path, data.name, max_bytes)
+            splits = (
+                folder.read(path, max_bytes)
+                if data.name == "folder"
+                else cifar.read_archive(path, data.name, max_bytes)
+            )
         splits = splits.limited(data.train_limit, data.test_limit)
         stats = make_stats(data.name, text, checksum, splits)
         _write(out, splits, stats)
     c = stats["counts"]
-    print(f"amoc download: {data.name}: {c['train']:,} train / {c['test']:,} test images, "
-          f"{stats['num_classes']} classes, {'x'.join(map(str, stats['image_shape']))} -> {out} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"amoc download: {data.name}: {c['train']:,} train / {c['test']:,} test images, "
+        f"{stats['num_classes']} classes, {'x'.join(map(str, stats['image_shape']))} -> {out} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 
 def make_stats(name: str, source: str, checksum: str | None, splits: Splits) -> dict[str, Any]:
     if len(splits.train_y) == 0 or len(splits.test_y) == 0:
-        raise DataError(f"{source}: the {'train' if len(splits.train_y) == 0 else 'test'} split is empty; "
-                        "a data set needs training and test images")
+        raise DataError(
+            f"{source}: the {'train' if len(splits.train_y) == 0 else 'test'} split is empty; "
+            "a data set needs training and test images"
+        )
     if name == "cifar10":
         mean, std = list(CIFAR10_MEAN), list(CIFAR10_STD)  # the paper's constants, whatever the subset
     else:

@@ -19,6 +19,7 @@ run and nothing else (checked against one process in tests/test_distributed.py):
 - A stop signal is acted on when all ranks agree on it (at the loops' sync points), so
   every rank stops after the same step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +39,7 @@ Draw = Callable[[tuple[int, ...]], torch.Tensor]
 @dataclass(frozen=True)
 class Shard:
     """This rank's part of one global batch of `total` samples."""
+
     rank: int = 0
     world: int = 1
     total: int = 0
@@ -57,6 +59,7 @@ class Shard:
 @dataclass(frozen=True)
 class Dist:
     """Where this process stands in the run; Dist() is a single process."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -123,8 +126,10 @@ class Dist:
             return module
         on_cuda = next(module.parameters()).is_cuda
         return nn.parallel.DistributedDataParallel(
-            module, device_ids=[torch.cuda.current_device()] if on_cuda else None,
-            find_unused_parameters=find_unused_parameters)
+            module,
+            device_ids=[torch.cuda.current_device()] if on_cuda else None,
+            find_unused_parameters=find_unused_parameters,
+        )
 
 
 def _collective_device() -> torch.device:
@@ -151,8 +156,10 @@ def session(device: str) -> Iterator[Dist]:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise AmocError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                            "use torchrun --nproc_per_node <= the GPU count")
+            raise AmocError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                "use torchrun --nproc_per_node <= the GPU count"
+            )
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     try:

@@ -11,6 +11,7 @@
 
 Eval-mode BN (attacks, k-NN, evaluation) reads running statistics and needs none of this.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,9 @@ BNMode = Literal["sync", "shuffle", "local"]
 
 # torch suggests a private module instead; the public differentiable all_reduce is what
 # GlobalBatchNorm2d needs, so its notice would only clutter every CPU rank's log.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated", category=FutureWarning
+)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -65,8 +67,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 def _to_global(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, device=module.running_mean.device)
+        new = GlobalBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=module.running_mean.device,
+        )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

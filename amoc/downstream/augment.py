@@ -1,6 +1,7 @@
 """Standard downstream augmentation (docs/downstream.md): random crop with reflect padding
 (the authors' `Pad(4, padding_mode="reflect")`) and a horizontal flip, drawn per sample,
 done for the whole batch at once on its device."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,14 @@ import torch
 from amoc.distributed import Shard
 
 
-def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, *, pad: int = 4,
-              flip_p: float = 0.5, shard: Shard = Shard()) -> torch.Tensor:
+def crop_flip(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    pad: int = 4,
+    flip_p: float = 0.5,
+    shard: Shard = Shard(),
+) -> torch.Tensor:
     """uint8 B x C x H x W -> float B x C x H x W in [0, 1].
 
     Each image is padded by `pad` pixels with reflect padding (mirrored without repeating
@@ -25,11 +32,11 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, *, pad:
     oy = shard.sample(offset, (b,))
     ox = shard.sample(offset, (b,))
     flip = shard.sample(lambda shape: torch.rand(shape, generator=generator, device=dev), (b,)) < flip_p
-    rows = _reflect(oy[:, None] + torch.arange(h, device=dev) - pad, h)              # B x H, rows of x
-    cols = _reflect(ox[:, None] + torch.arange(w, device=dev) - pad, w)              # B x W
-    cols = torch.where(flip[:, None], cols.flip(1), cols)                            # a flip reverses the columns
+    rows = _reflect(oy[:, None] + torch.arange(h, device=dev) - pad, h)  # B x H, rows of x
+    cols = _reflect(ox[:, None] + torch.arange(w, device=dev) - pad, w)  # B x W
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reverses the columns
     batch = torch.arange(b, device=dev)[:, None, None]
-    out = x[batch, :, rows[:, :, None], cols[:, None, :]]                            # B x H x W x C
+    out = x[batch, :, rows[:, :, None], cols[:, None, :]]  # B x H x W x C
     return out.permute(0, 3, 1, 2).contiguous().float().div_(255)
 
 

@@ -13,6 +13,7 @@
 `trades_attack` only crafts examples: the caller puts the model in eval mode
 (running BN statistics) around them, as the authors do.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal
@@ -32,8 +33,7 @@ TradesStart = Literal["uniform", "normal"]
 
 def trades_kl(logits_nat: torch.Tensor, logits_adv: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
     """sum_c p_nat * (log p_nat - log p_adv), per TRADES; logits: B x classes."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1),
-                    reduction=reduction)
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1), reduction=reduction)
 
 
 def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -41,15 +41,20 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     return F.cross_entropy(logits_nat.float(), y) + beta * trades_kl(logits_nat, logits_adv)
 
 
-def trades_attack(model: Model, x: torch.Tensor, attack: AttackConfig,
-                  generator: torch.Generator | None = None, shard: Shard = Shard(),
-                  start: TradesStart = "uniform") -> torch.Tensor:
+def trades_attack(
+    model: Model,
+    x: torch.Tensor,
+    attack: AttackConfig,
+    generator: torch.Generator | None = None,
+    shard: Shard = Shard(),
+    start: TradesStart = "uniform",
+) -> torch.Tensor:
     """TRADES inner maximisation of the KL term around x (images in [0, 1]), from `start`:
     "uniform" in the eps-ball (the authors' foolbox LinfPGDKLDiv) or "normal",
     x + 0.001 * N(0, 1) (the TRADES paper's code). `shard`: x is this rank's part of a
     global batch (the start noise is drawn for all of it)."""
     with torch.no_grad():
-        p_nat = F.softmax(model(x).float(), dim=1)                           # fixed target, B x classes
+        p_nat = F.softmax(model(x).float(), dim=1)  # fixed target, B x classes
     draw = torch.rand if start == "uniform" else torch.randn
     noise = shard.sample(lambda shape: draw(shape, generator=generator, device=x.device, dtype=x.dtype), x.shape)
     first = x + ((2 * noise - 1) * attack.eps if start == "uniform" else TRADES_START_STD * noise)
@@ -57,5 +62,6 @@ def trades_attack(model: Model, x: torch.Tensor, attack: AttackConfig,
     def objective(x_adv: torch.Tensor) -> torch.Tensor:  # summed: per-sample steps
         return F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_nat, reduction="sum")
 
-    return pgd_linf(x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                    generator=generator, start=first)
+    return pgd_linf(
+        x, objective, eps=attack.eps, step_size=attack.step_size, steps=attack.steps, generator=generator, start=first
+    )

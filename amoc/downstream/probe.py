@@ -6,6 +6,7 @@ go through the whole frozen network. In both, the encoder stays in eval mode on 
 adversarial BN branch (features from running statistics that never change) and only
 the zero-initialised linear head trains.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,9 @@ from pathlib import Path
 
 from amoc.config import Config
 from amoc.distributed import session
-from amoc.nets.classifier import Classifier
 from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
 from amoc.io import RunLock
+from amoc.nets.classifier import Classifier
 from amoc.nets.store import load_encoder_file
 from amoc.runtime import setup
 
@@ -30,7 +31,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     with session(cfg.runtime.device) as dist, RunLock(out) if dist.main else contextlib.nullcontext():
         rt = setup(cfg.runtime, cfg.seed, dist, stage="probe")
-        x, y, stats = load_train_data(args.data)   # fail on bad data before loading weights
+        x, y, stats = load_train_data(args.data)  # fail on bad data before loading weights
         encoder, extra = load_encoder_file(args.encoder)
         model = rt.prepare(Classifier(encoder, int(stats["num_classes"]), encoder_branch(extra)))
         model.encoder.requires_grad_(False)
@@ -40,8 +41,25 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             spec = TrainSpec.from_section(p, name="probe", loss="ce", weight_decay=p.weight_decay_slf, cfg=cfg)
         else:
             spec = TrainSpec.from_section(p, name="probe", loss=p.loss, weight_decay=p.weight_decay, cfg=cfg)
-        provenance = {"stage": "probe", "mode": args.mode, "init": str(args.encoder),
-                      "init_sha256": file_digest(args.encoder)}
-        train_classifier(model, model.head, spec, cfg=cfg, rt=rt, data=args.data, train=(x, y), out=out, resume=args.resume,
-                         train_mode=False, desc=f"probe {args.mode}", provenance=provenance, dist=dist)
+        provenance = {
+            "stage": "probe",
+            "mode": args.mode,
+            "init": str(args.encoder),
+            "init_sha256": file_digest(args.encoder),
+        }
+        train_classifier(
+            model,
+            model.head,
+            spec,
+            cfg=cfg,
+            rt=rt,
+            data=args.data,
+            train=(x, y),
+            out=out,
+            resume=args.resume,
+            train_mode=False,
+            desc=f"probe {args.mode}",
+            provenance=provenance,
+            dist=dist,
+        )
     return 0

@@ -17,6 +17,7 @@ rank's share, so uneven splits of the last batch still give the global mean), BN
 fine-tuned encoder follows distributed.bn (shuffle = local: there is no key net), and
 rank 0 writes every file. A last batch with fewer images than ranks is skipped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,33 +32,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from amoc import io
+from amoc.attacks.accuracy import correct, percent
+from amoc.attacks.ce import ce_pgd
 from amoc.checkpoint import CheckpointManager, fingerprint, rng_state, set_rng_state
 from amoc.config import AttackConfig, Config
 from amoc.data.prepared import load_split, load_stats
+from amoc.data.splits import validation_split
 from amoc.distributed import Dist, Shard
 from amoc.distributed.bn import synchronise_bn
 from amoc.downstream.augment import crop_flip
-from amoc.attacks.accuracy import correct, percent
-from amoc.attacks.ce import ce_pgd
 from amoc.downstream.losses import TradesStart, trades_attack, trades_loss
-from amoc.nets.classifier import Classifier, save_classifier
-from amoc.data.splits import validation_split
 from amoc.errors import ConfigError, DataError
+from amoc.nets.classifier import Classifier, save_classifier
 from amoc.runtime import Runtime, eval_mode
 from amoc.schedule import multistep, scaled_lr, set_lr
-from amoc.version import __version__
 from amoc.stopping import check_finite, check_finite_params
 from amoc.training.loop import Job, Loop
+from amoc.version import __version__
 
 LossName = Literal["ce", "trades", "pgd_at"]
-LOG_COLUMNS = ("epoch", "loss", "train_acc", "train_adv_acc", "val_acc", "val_pgd_acc", "lr", "seconds",
-               "images_per_s")
+LOG_COLUMNS = ("epoch", "loss", "train_acc", "train_adv_acc", "val_acc", "val_pgd_acc", "lr", "seconds", "images_per_s")
 FINITE_EVERY = 10  # steps between NaN checks (each costs one host sync)
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     """What the loop needs, whichever params section (probe / finetune) it came from."""
+
     loss: LossName
     epochs: int
     batch_size: int
@@ -73,16 +74,25 @@ class TrainSpec:
     section: str = "finetune"  # the params section, for error messages ("probe.batch_size")
 
     @classmethod
-    def from_section(cls, section: Any, *, name: str, loss: LossName, weight_decay: float,
-                     cfg: Config) -> "TrainSpec":
+    def from_section(cls, section: Any, *, name: str, loss: LossName, weight_decay: float, cfg: Config) -> "TrainSpec":
         """`cfg` supplies the learning-rate scaling rule (distributed.lr_scaling)."""
         d = cfg.distributed
         lr = scaled_lr(section.lr, section.batch_size, d.lr_scaling, d.reference_batch)
-        return cls(loss=loss, epochs=section.epochs, batch_size=section.batch_size, lr=lr,
-                   momentum=section.momentum, weight_decay=weight_decay,
-                   milestones=tuple(section.milestones), lr_gamma=section.lr_gamma, beta=section.beta,
-                   trades_start=section.trades_start, attack=section.attack,
-                   val_images=section.val_images, section=name)
+        return cls(
+            loss=loss,
+            epochs=section.epochs,
+            batch_size=section.batch_size,
+            lr=lr,
+            momentum=section.momentum,
+            weight_decay=weight_decay,
+            milestones=tuple(section.milestones),
+            lr_gamma=section.lr_gamma,
+            beta=section.beta,
+            trades_start=section.trades_start,
+            attack=section.attack,
+            val_images=section.val_images,
+            section=name,
+        )
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -106,9 +116,16 @@ class Forwards(nn.Module):
         return tuple(self.model(x) for x in xs)
 
 
-def loss_step(model: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor, rt: Runtime,
-              generator: torch.Generator, forwards: nn.Module | None = None,
-              shard: Shard = Shard()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def loss_step(
+    model: nn.Module,
+    spec: TrainSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rt: Runtime,
+    generator: torch.Generator,
+    forwards: nn.Module | None = None,
+    shard: Shard = Shard(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, logits on clean x or None, logits on x_adv or None) for one batch. The
     attacks run on `model`; the trained forwards go through `forwards` (Forwards(model),
     under DDP in a multi-process run)."""
@@ -148,9 +165,24 @@ class ClassifierTraining(Job):
 
     sync_every = FINITE_EVERY
 
-    def __init__(self, model: nn.Module, trainable: nn.Module, spec: TrainSpec, x: torch.Tensor, y: torch.Tensor,
-                 rt: Runtime, out: str | os.PathLike, *, seed: int, fingerprint: str, train_mode: bool, desc: str,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None, dist: Dist = Dist(), bn: str = "sync") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable: nn.Module,
+        spec: TrainSpec,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rt: Runtime,
+        out: str | os.PathLike,
+        *,
+        seed: int,
+        fingerprint: str,
+        train_mode: bool,
+        desc: str,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dist: Dist = Dist(),
+        bn: str = "sync",
+    ) -> None:
         self.model, self.trainable, self.spec, self.rt, self.dist = model, trainable, spec, rt, dist
         self.out, self.desc, self.train_mode = Path(out), desc, train_mode
         self.epochs, self.batch_size, self.batch_key = spec.epochs, spec.batch_size, f"{spec.section}.batch_size"
@@ -180,12 +212,18 @@ class ClassifierTraining(Job):
             _write_log(self.out / "log.csv", self.rows)
         last = self.rows[-1]
         total = sum(float(r["seconds"]) for r in self.rows)
-        return {"epochs": len(self.rows), "train_loss": float(last["loss"]),
-                "train_acc": float(last["train_acc"]),
-                "train_adv_acc": None if last["train_adv_acc"] is None else float(last["train_adv_acc"]),
-                "seconds": round(total, 3), "images_per_s": round(len(self.rows) * self.n / max(total, 1e-9), 1),
-                "n_train": self.n, "n_val": 0 if self.val is None else len(self.val[1]),
-                "loss_fn": self.spec.loss, "spec": dataclasses.asdict(self.spec)}
+        return {
+            "epochs": len(self.rows),
+            "train_loss": float(last["loss"]),
+            "train_acc": float(last["train_acc"]),
+            "train_adv_acc": None if last["train_adv_acc"] is None else float(last["train_adv_acc"]),
+            "seconds": round(total, 3),
+            "images_per_s": round(len(self.rows) * self.n / max(total, 1e-9), 1),
+            "n_train": self.n,
+            "n_val": 0 if self.val is None else len(self.val[1]),
+            "loss_fn": self.spec.loss,
+            "spec": dataclasses.asdict(self.spec),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -194,12 +232,21 @@ class ClassifierTraining(Job):
         if mid_epoch:  # this epoch's totals over every rank (collectives: all ranks run this)
             total = self.dist.sum(self.loss_sum)
             check_finite({"loss": total}, epoch=len(self.rows) + 1, step=self.step)
-            partial = {"loss_sum": total.item(), "correct": int(self.dist.sum(self.correct)),
-                       "adv_correct": int(self.dist.sum(self.adv_correct)), "seen": self.seen}
-        return {"model": {k: v.detach().cpu() for k, v in self.trainable.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "rng": rng_state(self.generator),
-                "perm": self.perm.cpu() if mid_epoch else None, "partial": partial, "rows": self.rows,
-                "best": self.best}
+            partial = {
+                "loss_sum": total.item(),
+                "correct": int(self.dist.sum(self.correct)),
+                "adv_correct": int(self.dist.sum(self.adv_correct)),
+                "seen": self.seen,
+            }
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.trainable.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.generator),
+            "perm": self.perm.cpu() if mid_epoch else None,
+            "partial": partial,
+            "rows": self.rows,
+            "best": self.best,
+        }
 
     def load_state(self, blob: dict[str, Any]) -> None:
         self.trainable.load_state_dict(blob["model"])
@@ -225,7 +272,9 @@ class ClassifierTraining(Job):
         self.batches = [b for b in torch.split(self.perm, spec.batch_size) if len(b) >= self.dist.world]
         # device-side accumulators of this rank's images (rank 0 carries a resumed epoch's
         # totals): no host sync per step; summed over the ranks when read
-        carried = self.partial if (self.partial and self.dist.main) else {"loss_sum": 0.0, "correct": 0, "adv_correct": 0}
+        carried = (
+            self.partial if (self.partial and self.dist.main) else {"loss_sum": 0.0, "correct": 0, "adv_correct": 0}
+        )
         self.loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float64, device=device)
         self.correct = torch.tensor(carried["correct"], dtype=torch.int64, device=device)
         self.adv_correct = torch.tensor(carried["adv_correct"], dtype=torch.int64, device=device)
@@ -265,21 +314,30 @@ class ClassifierTraining(Job):
         clean_acc = 100 * int(correct) / seen if spec.loss != "pgd_at" else None
         adv_acc = 100 * int(adv_correct) / seen if spec.loss != "ce" else None
         val_acc, val_pgd_acc = self.validate(epoch) if self.val is not None and dist.main else (None, None)
-        row = {"epoch": epoch + 1, "loss": f"{loss_sum.item() / seen:.6f}",
-               # train_acc: on the examples the loss is about (adversarial ones for PGD-AT)
-               "train_acc": f"{clean_acc if clean_acc is not None else adv_acc:.4f}",
-               "train_adv_acc": None if adv_acc is None else f"{adv_acc:.4f}",
-               "val_acc": None if val_acc is None else f"{val_acc:.4f}",
-               "val_pgd_acc": None if val_pgd_acc is None else f"{val_pgd_acc:.4f}",
-               "lr": f"{self.lr:.6g}", "seconds": f"{seconds:.3f}", "images_per_s": f"{seen / max(seconds, 1e-9):.1f}"}
+        row = {
+            "epoch": epoch + 1,
+            "loss": f"{loss_sum.item() / seen:.6f}",
+            # train_acc: on the examples the loss is about (adversarial ones for PGD-AT)
+            "train_acc": f"{clean_acc if clean_acc is not None else adv_acc:.4f}",
+            "train_adv_acc": None if adv_acc is None else f"{adv_acc:.4f}",
+            "val_acc": None if val_acc is None else f"{val_acc:.4f}",
+            "val_pgd_acc": None if val_pgd_acc is None else f"{val_pgd_acc:.4f}",
+            "lr": f"{self.lr:.6g}",
+            "seconds": f"{seconds:.3f}",
+            "images_per_s": f"{seen / max(seconds, 1e-9):.1f}",
+        }
         self.rows.append(row)
         self.perm, self.partial = None, None
         if dist.main:
             _write_log(self.out / "log.csv", self.rows)
-            print(f"{self.desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc {float(row['train_acc']):.2f}%"
-                  + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
-                  + (f", val {val_acc:.2f}% / PGD {val_pgd_acc:.2f}%" if val_acc is not None else "")
-                  + f", lr {self.lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s", flush=True)
+            print(
+                f"{self.desc} epoch {epoch + 1}/{spec.epochs}: loss {row['loss']}, train_acc "
+                f"{float(row['train_acc']):.2f}%"
+                + (f", train_adv_acc {float(row['train_adv_acc']):.2f}%" if row["train_adv_acc"] else "")
+                + (f", val {val_acc:.2f}% / PGD {val_pgd_acc:.2f}%" if val_acc is not None else "")
+                + f", lr {self.lr:g}, {seconds:.1f} s, {row['images_per_s']} images/s",
+                flush=True,
+            )
         return True  # a checkpoint after every epoch
 
     # ------------------------------------------------------------------ validation
@@ -298,13 +356,19 @@ class ClassifierTraining(Job):
         generator = rt.generator(self.seed)
         with eval_mode(model):
             clean = correct(model, xv, yv, rt, bs)
-            robust = clean & correct(model, xv, yv, rt, bs, lambda xb, yb: ce_pgd(model, xb, yb, self.spec.attack,
-                                                                                  generator))
+            robust = clean & correct(
+                model, xv, yv, rt, bs, lambda xb, yb: ce_pgd(model, xb, yb, self.spec.attack, generator)
+            )
         val_acc, val_pgd_acc = percent(clean), percent(robust)
         score = val_acc if self.selected_by == "val_acc" else val_pgd_acc
         if self.best is None or score > self.best["score"]:  # ties keep the earlier epoch
-            self.best = {"epoch": epoch + 1, "score": score, "val_acc": val_acc, "val_pgd_acc": val_pgd_acc,
-                         "state": {k: v.detach().cpu().clone() for k, v in self.trainable.state_dict().items()}}
+            self.best = {
+                "epoch": epoch + 1,
+                "score": score,
+                "val_acc": val_acc,
+                "val_pgd_acc": val_pgd_acc,
+                "state": {k: v.detach().cpu().clone() for k, v in self.trainable.state_dict().items()},
+            }
         return val_acc, val_pgd_acc
 
 
@@ -314,16 +378,34 @@ def load_train_data(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
     stats = load_stats(folder)
     num_classes = stats.get("num_classes")
     if not isinstance(num_classes, int) or num_classes < 2:
-        raise DataError(f"{Path(folder) / 'stats.json'}: num_classes {num_classes!r} is not a class count >= 2; rerun `amoc download`")
+        raise DataError(
+            f"{Path(folder) / 'stats.json'}: num_classes {num_classes!r} is not a class count >= 2; rerun `amoc "
+            "download`"
+        )
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise DataError(f"{folder}: train labels span {int(y.min())}..{int(y.max())}, outside 0..{num_classes - 1}; rerun `amoc download`")
+        raise DataError(
+            f"{folder}: train labels span {int(y.min())}..{int(y.max())}, outside 0..{num_classes - 1}; rerun "
+            "`amoc download`"
+        )
     return x, y, stats
 
 
-def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *, cfg: Config, rt: Runtime,
-                     data: str | os.PathLike, train: tuple[torch.Tensor, torch.Tensor], out: str | os.PathLike,
-                     resume: bool, train_mode: bool, desc: str, provenance: dict[str, Any],
-                     dist: Dist = Dist()) -> dict[str, Any]:
+def train_classifier(
+    model: Classifier,
+    trainable: nn.Module,
+    spec: TrainSpec,
+    *,
+    cfg: Config,
+    rt: Runtime,
+    data: str | os.PathLike,
+    train: tuple[torch.Tensor, torch.Tensor],
+    out: str | os.PathLike,
+    resume: bool,
+    train_mode: bool,
+    desc: str,
+    provenance: dict[str, Any],
+    dist: Dist = Dist(),
+) -> dict[str, Any]:
     """The common tail of `amoc probe` / `amoc finetune`: hold out `spec.val_images`
     training images, fit on the rest of `train` (from `data`), then write classifier.pt
     (the last epoch), classifier_best.pt (the best epoch on the held-out images; the last
@@ -335,35 +417,74 @@ def train_classifier(model: Classifier, trainable: nn.Module, spec: TrainSpec, *
     val = (x[val_idx], y[val_idx]) if len(val_idx) else None
     data_digest = file_digest(Path(data) / "train.npz")
     # what the run computes (not where or how fast): a resume must match all of it
-    fp = fingerprint(provenance, dataclasses.asdict(spec), cfg.seed, data_digest, model.bn_branch,
-                     model.num_classes, str(rt.amp_dtype), str(rt.attack_amp_dtype), rt.compile, cfg.distributed.bn)
-    job = ClassifierTraining(model, trainable, spec, x[train_idx], y[train_idx], rt, out, seed=cfg.seed,
-                             fingerprint=fp, train_mode=train_mode, desc=desc, val=val, dist=dist,
-                             bn=cfg.distributed.bn)
+    fp = fingerprint(
+        provenance,
+        dataclasses.asdict(spec),
+        cfg.seed,
+        data_digest,
+        model.bn_branch,
+        model.num_classes,
+        str(rt.amp_dtype),
+        str(rt.attack_amp_dtype),
+        rt.compile,
+        cfg.distributed.bn,
+    )
+    job = ClassifierTraining(
+        model,
+        trainable,
+        spec,
+        x[train_idx],
+        y[train_idx],
+        rt,
+        out,
+        seed=cfg.seed,
+        fingerprint=fp,
+        train_mode=train_mode,
+        desc=desc,
+        val=val,
+        dist=dist,
+        bn=cfg.distributed.bn,
+    )
     summary = job.run(resume)
     if not dist.main:  # rank 0 writes the outputs
         return summary
     best = job.best
-    selection = {"selected_by": job.selected_by if best else "none (validation off): the last epoch",
-                 "best_epoch": best["epoch"] if best else summary["epochs"],
-                 "best_val_acc": best["val_acc"] if best else None,
-                 "best_val_pgd_acc": best["val_pgd_acc"] if best else None}
-    prov = {**provenance, "data": str(data), "data_sha256": data_digest, "seed": cfg.seed,
-            # wall-clock figures stay out of the weights file: identical runs, identical bytes
-            "train": {k: v for k, v in summary.items() if k not in ("spec", "seconds", "images_per_s")},
-            "spec": summary["spec"],
-            "amoc_version": __version__, "torch_version": str(torch.__version__)}
+    selection = {
+        "selected_by": job.selected_by if best else "none (validation off): the last epoch",
+        "best_epoch": best["epoch"] if best else summary["epochs"],
+        "best_val_acc": best["val_acc"] if best else None,
+        "best_val_pgd_acc": best["val_pgd_acc"] if best else None,
+    }
+    prov = {
+        **provenance,
+        "data": str(data),
+        "data_sha256": data_digest,
+        "seed": cfg.seed,
+        # wall-clock figures stay out of the weights file: identical runs, identical bytes
+        "train": {k: v for k, v in summary.items() if k not in ("spec", "seconds", "images_per_s")},
+        "spec": summary["spec"],
+        "amoc_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
     save_classifier(out / "classifier.pt", model, {**prov, "checkpoint": "last", "epoch": summary["epochs"]})
     if best:
         trainable.load_state_dict(best["state"])
-    save_classifier(out / "classifier_best.pt", model, {**prov, "checkpoint": "best", "epoch": selection["best_epoch"],
-                                                        **selection})
-    result = {**{k: v for k, v in summary.items() if k != "spec"}, **selection, **provenance,
-              "bn_branch": model.bn_branch, "seed": cfg.seed}
+    save_classifier(
+        out / "classifier_best.pt", model, {**prov, "checkpoint": "best", "epoch": selection["best_epoch"], **selection}
+    )
+    result = {
+        **{k: v for k, v in summary.items() if k != "spec"},
+        **selection,
+        **provenance,
+        "bn_branch": model.bn_branch,
+        "seed": cfg.seed,
+    }
     io.write_json(out / "summary.json", result)
-    print(f"{desc}: wrote {out / 'classifier.pt'} (final train loss {summary['train_loss']:.4f}, "
-          f"train acc {summary['train_acc']:.2f}%) and classifier_best.pt (epoch {selection['best_epoch']}"
-          + (f", {job.selected_by} {best['score']:.2f}%)" if best else ", validation off)"))
+    print(
+        f"{desc}: wrote {out / 'classifier.pt'} (final train loss {summary['train_loss']:.4f}, "
+        f"train acc {summary['train_acc']:.2f}%) and classifier_best.pt (epoch {selection['best_epoch']}"
+        + (f", {job.selected_by} {best['score']:.2f}%)" if best else ", validation off)")
+    )
     return result
 
 

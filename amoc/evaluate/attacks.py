@@ -11,6 +11,7 @@ after the attack, as AutoAttack counts it, so robust accuracy never exceeds clea
 AutoAttack is the standard L-inf ensemble, configured as the original
 (amoc.attacks.autoattack).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from amoc.attacks.accuracy import correct
 from amoc.attacks import autoattack
+from amoc.attacks.accuracy import correct
 from amoc.attacks.ce import ce_pgd
 from amoc.config import AttackConfig, Config
 from amoc.data.prepared import load_split, load_stats
@@ -38,13 +39,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pgd_correct(model: Classifier, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int,
-                attack: AttackConfig, seed: int) -> torch.Tensor:
+def pgd_correct(
+    model: Classifier, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int, attack: AttackConfig, seed: int
+) -> torch.Tensor:
     """Correct after our L-inf PGD on the cross-entropy (a fresh generator per call:
     the result depends on the seed and the batch size, not on what ran before)."""
     generator = rt.generator(seed)
-    return correct(model, x, y, rt, batch_size, lambda xb, yb: ce_pgd(model, xb, yb, attack, generator),
-                   desc=f"PGD-{attack.steps} eps {attack.eps * 255:g}/255")
+    return correct(
+        model,
+        x,
+        y,
+        rt,
+        batch_size,
+        lambda xb, yb: ce_pgd(model, xb, yb, attack, generator),
+        desc=f"PGD-{attack.steps} eps {attack.eps * 255:g}/255",
+    )
 
 
 def _pct(mask: torch.Tensor) -> float | None:
@@ -60,9 +69,19 @@ def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _attack_settings(a: AttackConfig, n: int) -> dict[str, Any]:
-    return {"norm": "Linf", "eps": a.eps, "eps_255": round(a.eps * 255, 4), "step_size": a.step_size,
-            "step_255": round(a.step_size * 255, 4), "steps": a.steps, "random_start": a.random_start,
-            "restarts": 1, "objective": "cross-entropy", "implementation": "amoc.attacks.pgd_linf", "n_images": n}
+    return {
+        "norm": "Linf",
+        "eps": a.eps,
+        "eps_255": round(a.eps * 255, 4),
+        "step_size": a.step_size,
+        "step_255": round(a.step_size * 255, 4),
+        "steps": a.steps,
+        "random_start": a.random_start,
+        "restarts": 1,
+        "objective": "cross-entropy",
+        "implementation": "amoc.attacks.pgd_linf",
+        "n_images": n,
+    }
 
 
 def _load(path: str | Path, rt: Runtime) -> tuple[Classifier, dict[str, Any]]:
@@ -75,22 +94,36 @@ def _same_weights(a: Classifier, b: Classifier) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def attack_accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, rt: Runtime, cfg: Config, num_classes: int,
-                    aa_n: int, label: str) -> dict[str, Any]:
+def attack_accuracy(
+    model: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rt: Runtime,
+    cfg: Config,
+    num_classes: int,
+    aa_n: int,
+    label: str,
+) -> dict[str, Any]:
     """Clean, PGD and AutoAttack (on the first aa_n images) correctness of one classifier,
     with timings; robust = correct clean and attacked."""
     e, bs, n = cfg.evaluate, cfg.evaluate.batch_size, len(x)
     clean = correct(model, x, y, rt, bs)
     pgd, pgd_s = _timed(rt.device, lambda: pgd_correct(model, x, y, rt, bs, e.pgd, cfg.seed) & clean)
-    print(f"{label}: PGD-{e.pgd.steps} (eps {e.pgd.eps * 255:g}/255): {n} images in {pgd_s:.1f} s = "
-          f"{n / pgd_s:.1f} images/s")
+    print(
+        f"{label}: PGD-{e.pgd.steps} (eps {e.pgd.eps * 255:g}/255): {n} images in {pgd_s:.1f} s = "
+        f"{n / pgd_s:.1f} images/s"
+    )
     aa, aa_s, aa_worst = None, None, None
     if e.autoattack:
-        (aa, aa_worst), aa_s = _timed(rt.device, lambda: autoattack.autoattack_correct(
-            model, x[:aa_n], y[:aa_n], rt, bs, e.pgd.eps, num_classes, cfg.seed))
+        (aa, aa_worst), aa_s = _timed(
+            rt.device,
+            lambda: autoattack.autoattack_correct(model, x[:aa_n], y[:aa_n], rt, bs, e.pgd.eps, num_classes, cfg.seed),
+        )
         aa = aa & clean[:aa_n]
-        print(f"{label}: AutoAttack (standard, Linf eps {e.pgd.eps * 255:g}/255): {aa_n} images in {aa_s:.1f} s "
-              f"= {aa_n / aa_s:.2f} images/s")
+        print(
+            f"{label}: AutoAttack (standard, Linf eps {e.pgd.eps * 255:g}/255): {aa_n} images in {aa_s:.1f} s "
+            f"= {aa_n / aa_s:.2f} images/s"
+        )
         if aa_worst > e.pgd.eps + 1e-5:
             print(f"warning: AutoAttack returned a perturbation of {aa_worst * 255:.3f}/255 > eps", flush=True)
     return {"clean": clean, "pgd": pgd, "aa": aa, "pgd_s": pgd_s, "aa_s": aa_s, "aa_worst": aa_worst}
@@ -98,10 +131,18 @@ def attack_accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, rt: Run
 
 def _summary(r: dict[str, Any], aa_n: int) -> dict[str, Any]:
     aa = None if r["aa"] is None else _pct(r["aa"])
-    return {"clean_acc": _pct(r["clean"]), "pgd_acc": _pct(r["pgd"]), "autoattack_acc": aa,
-            # the three numbers on the AutoAttack images, for a like-for-like comparison
-            "subset": {"n_images": aa_n, "clean_acc": _pct(r["clean"][:aa_n]), "pgd_acc": _pct(r["pgd"][:aa_n]),
-                       "autoattack_acc": aa}}
+    return {
+        "clean_acc": _pct(r["clean"]),
+        "pgd_acc": _pct(r["pgd"]),
+        "autoattack_acc": aa,
+        # the three numbers on the AutoAttack images, for a like-for-like comparison
+        "subset": {
+            "n_images": aa_n,
+            "clean_acc": _pct(r["clean"][:aa_n]),
+            "pgd_acc": _pct(r["pgd"][:aa_n]),
+            "autoattack_acc": aa,
+        },
+    }
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
@@ -109,8 +150,13 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     PGD and AutoAttack accuracy (%) and the images behind them; eval.json has the rest
     (the best epoch, every setting, timings)."""
     aa = result["settings"]["autoattack"]
-    return {"clean": result["clean_acc"], "pgd": result["pgd_acc"], "autoattack": result["autoattack_acc"],
-            "n": result["n_images"], "n_autoattack": aa["n_images"]}
+    return {
+        "clean": result["clean_acc"],
+        "pgd": result["pgd_acc"],
+        "autoattack": result["autoattack_acc"],
+        "n": result["n_images"],
+        "n_autoattack": aa["n_images"],
+    }
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
@@ -123,8 +169,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         x, y = load_split(args.data, "test")
         num_classes = int(load_stats(args.data).get("num_classes", model.num_classes))
         if num_classes != model.num_classes:
-            raise DataError(f"{args.data}: {num_classes} classes, but {args.model} predicts {model.num_classes}; "
-                            "evaluate on the data set the classifier was trained on")
+            raise DataError(
+                f"{args.data}: {num_classes} classes, but {args.model} predicts {model.num_classes}; "
+                "evaluate on the data set the classifier was trained on"
+            )
         n = min(e.n_images or len(x), len(x))
         if n == 0:
             raise DataError(f"{args.data}: the test split is empty; nothing to evaluate")
@@ -138,14 +186,20 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             best_model, best_prov = _load(best_path, rt)
             same = _same_weights(model, best_model)
             scores = last if same else attack_accuracy(best_model, x, y, rt, cfg, num_classes, aa_n, "best epoch")
-            best = {"model": str(best_path), "epoch": best_prov.get("epoch"), "selected_by": best_prov.get("selected_by"),
-                    "same_as_last": same, **_summary(scores, aa_n)}
+            best = {
+                "model": str(best_path),
+                "epoch": best_prov.get("epoch"),
+                "selected_by": best_prov.get("selected_by"),
+                "same_as_last": same,
+                **_summary(scores, aa_n),
+            }
 
         clean, pgd = last["clean"], last["pgd"]
         curve_rows = []
         for eps_255 in e.curve_eps:
-            attack = AttackConfig(eps=eps_255 / 255, step_ratio=e.pgd.step_ratio, steps=e.pgd.steps,
-                                  random_start=e.pgd.random_start)
+            attack = AttackConfig(
+                eps=eps_255 / 255, step_ratio=e.pgd.step_ratio, steps=e.pgd.steps, random_start=e.pgd.random_start
+            )
             if eps_255 == 0:
                 ok = clean
             elif abs(attack.eps - e.pgd.eps) < 1e-12:
@@ -156,41 +210,67 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
         aa_s, aa_worst = last["aa_s"], last["aa_worst"]
         result = {
-            **_summary(last, aa_n), "n_images": n, "epoch": provenance.get("epoch"),
+            **_summary(last, aa_n),
+            "n_images": n,
+            "epoch": provenance.get("epoch"),
             "best": best,
             "settings": {
-                "model": str(args.model), "data": str(args.data), "seed": cfg.seed,
+                "model": str(args.model),
+                "data": str(args.data),
+                "seed": cfg.seed,
                 "trained_by": {k: provenance.get(k) for k in ("stage", "mode", "init")},
-                "bn_branch": model.bn_branch, "device": str(rt.device), "precision": "fp32, TF32 off", "batch_size": bs,
+                "bn_branch": model.bn_branch,
+                "device": str(rt.device),
+                "precision": "fp32, TF32 off",
+                "batch_size": bs,
                 "robust_counts_clean_errors": True,
                 "clean": {"n_images": n},
                 "pgd": _attack_settings(e.pgd, n),
-                "autoattack": {"enabled": e.autoattack, "version": "standard", "norm": "Linf", "eps": e.pgd.eps,
-                               "eps_255": round(e.pgd.eps * 255, 4), "n_images": aa_n if e.autoattack else 0,
-                               "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
-                               "iterations": autoattack.AUTOATTACK_STEPS,
-                               "square_queries": autoattack.AUTOATTACK_QUERIES,
-                               "square_rescale_schedule": autoattack.SQUARE_RESCALE_SCHEDULE,
-                               "n_target_classes": num_classes - 1,
-                               "library": f"torchattacks {autoattack.torchattacks_version()}", "seed": cfg.seed,
-                               "max_perturbation_255": None if aa_worst is None else round(aa_worst * 255, 4)},
-                "curve": {"eps_255": list(e.curve_eps), "step_ratio": e.pgd.step_ratio, "steps": e.pgd.steps,
-                          "random_start": e.pgd.random_start, "n_images": n},
+                "autoattack": {
+                    "enabled": e.autoattack,
+                    "version": "standard",
+                    "norm": "Linf",
+                    "eps": e.pgd.eps,
+                    "eps_255": round(e.pgd.eps * 255, 4),
+                    "n_images": aa_n if e.autoattack else 0,
+                    "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                    "iterations": autoattack.AUTOATTACK_STEPS,
+                    "square_queries": autoattack.AUTOATTACK_QUERIES,
+                    "square_rescale_schedule": autoattack.SQUARE_RESCALE_SCHEDULE,
+                    "n_target_classes": num_classes - 1,
+                    "library": f"torchattacks {autoattack.torchattacks_version()}",
+                    "seed": cfg.seed,
+                    "max_perturbation_255": None if aa_worst is None else round(aa_worst * 255, 4),
+                },
+                "curve": {
+                    "eps_255": list(e.curve_eps),
+                    "step_ratio": e.pgd.step_ratio,
+                    "steps": e.pgd.steps,
+                    "random_start": e.pgd.random_start,
+                    "n_images": n,
+                },
             },
-            "throughput": {"pgd_seconds": round(last["pgd_s"], 3), "pgd_images_per_s": round(n / last["pgd_s"], 2),
-                           "autoattack_seconds": None if aa_s is None else round(aa_s, 3),
-                           "autoattack_images_per_s": None if aa_s is None else round(aa_n / aa_s, 3)},
+            "throughput": {
+                "pgd_seconds": round(last["pgd_s"], 3),
+                "pgd_images_per_s": round(n / last["pgd_s"], 2),
+                "autoattack_seconds": None if aa_s is None else round(aa_s, 3),
+                "autoattack_images_per_s": None if aa_s is None else round(aa_n / aa_s, 3),
+            },
         }
         lines = [",".join(CURVE_COLUMNS)] + [",".join(str(r[c]) for c in CURVE_COLUMNS) for r in curve_rows]
         write_text(out / "curve.csv", "\n".join(lines) + "\n")
         write_json(out / "eval.json", result)
         write_json(out / "metrics.json", headline(result))
         aa_txt = "off" if result["autoattack_acc"] is None else f"{result['autoattack_acc']:.2f}% ({aa_n} images)"
-        print(f"{args.model}: clean {result['clean_acc']:.2f}%, PGD-{e.pgd.steps} {result['pgd_acc']:.2f}% "
-              f"({n} images), AutoAttack {aa_txt} -> {out / 'eval.json'}")
+        print(
+            f"{args.model}: clean {result['clean_acc']:.2f}%, PGD-{e.pgd.steps} {result['pgd_acc']:.2f}% "
+            f"({n} images), AutoAttack {aa_txt} -> {out / 'eval.json'}"
+        )
         if best is not None:
-            print(f"{best_path} (epoch {best['epoch']}, {best['selected_by']}): clean {best['clean_acc']:.2f}%, "
-                  f"PGD-{e.pgd.steps} {best['pgd_acc']:.2f}%, AutoAttack "
-                  + ("off" if best["autoattack_acc"] is None else f"{best['autoattack_acc']:.2f}%")
-                  + (" (the same weights as the last epoch)" if best["same_as_last"] else ""))
+            print(
+                f"{best_path} (epoch {best['epoch']}, {best['selected_by']}): clean {best['clean_acc']:.2f}%, "
+                f"PGD-{e.pgd.steps} {best['pgd_acc']:.2f}%, AutoAttack "
+                + ("off" if best["autoattack_acc"] is None else f"{best['autoattack_acc']:.2f}%")
+                + (" (the same weights as the last epoch)" if best["same_as_last"] else "")
+            )
     return 0

@@ -12,6 +12,7 @@ OUT/metrics.json (the headline: mean corruption accuracy and relative drop),
 OUT/corruptions.json (everything), OUT/corruptions.csv (corruption, severity, accuracy)
 and OUT/severity.csv (severity 0 = clean, mean accuracy: a DVC plot).
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,21 +39,38 @@ CSV_COLUMNS = ("corruption", "severity", "accuracy")
 SEVERITY_COLUMNS = ("severity", "accuracy")
 
 
-def score(model: nn.Module, cset: layout.CorruptedSet, clean_x: torch.Tensor, clean_y: torch.Tensor,
-          rt: Runtime, batch_size: int) -> dict[str, Any]:
+def score(
+    model: nn.Module,
+    cset: layout.CorruptedSet,
+    clean_x: torch.Tensor,
+    clean_y: torch.Tensor,
+    rt: Runtime,
+    batch_size: int,
+) -> dict[str, Any]:
     """Accuracies (%) of `model` on a corrupted set and on its N clean images (N x 3 x H x W)."""
     n = cset.n_images
     pct = lambda correct: 100.0 * correct / n  # noqa: E731
     clean = pct(int(correct(model, clean_x, clean_y, rt, batch_size).sum()))
-    cells = {name: {s: pct(int(correct(model, cset.images(name, s), cset.severity_labels(s), rt, batch_size,
-                                               layout="NHWC").sum()))
-                    for s in cset.severities} for name in cset.names}
+    cells = {
+        name: {
+            s: pct(
+                int(correct(model, cset.images(name, s), cset.severity_labels(s), rt, batch_size, layout="NHWC").sum())
+            )
+            for s in cset.severities
+        }
+        for name in cset.names
+    }
     per_corruption = {name: float(np.mean(list(row.values()))) for name, row in cells.items()}
     per_severity = {s: float(np.mean([cells[name][s] for name in cset.names])) for s in cset.severities}
     mean_c = float(np.mean([v for row in cells.values() for v in row.values()]))
-    return {"clean_acc": clean, "mean_corruption_acc": mean_c,
-            "relative_drop": (clean - mean_c) / clean if clean > 0 else None,
-            "per_corruption": per_corruption, "per_severity": per_severity, "cells": cells}
+    return {
+        "clean_acc": clean,
+        "mean_corruption_acc": mean_c,
+        "relative_drop": (clean - mean_c) / clean if clean > 0 else None,
+        "per_corruption": per_corruption,
+        "per_severity": per_severity,
+        "cells": cells,
+    }
 
 
 def clean_images(data: str | Path, cset: layout.CorruptedSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,16 +78,22 @@ def clean_images(data: str | Path, cset: layout.CorruptedSet) -> tuple[torch.Ten
     x, y = load_split(data, "test")
     n = cset.n_images
     if len(x) < n:
-        raise DataError(f"{data}: the test split has {len(x)} images but {cset.folder} was built from {n}; prepare the "
-                        "matching test split or rebuild the set with a smaller corruptions.n_images")
+        raise DataError(
+            f"{data}: the test split has {len(x)} images but {cset.folder} was built from {n}; prepare the "
+            "matching test split or rebuild the set with a smaller corruptions.n_images"
+        )
     x, y = x[:n], y[:n]
     if not np.array_equal(y.numpy(), cset.severity_labels(cset.severities[0])):
-        raise DataError(f"{cset.folder}: its labels differ from the first {n} test labels in {data}; it was built from "
-                        f"other test images - rebuild it with `amoc corruptions --data {data}`")
+        raise DataError(
+            f"{cset.folder}: its labels differ from the first {n} test labels in {data}; it was built from "
+            f"other test images - rebuild it with `amoc corruptions --data {data}`"
+        )
     expected = cset.info.get("clean_sha256")
     if expected and hashlib.sha256(x.numpy().tobytes()).hexdigest() != expected:
-        raise DataError(f"{cset.folder}: generated from other test images than those in {data} (pixel hash differs); "
-                        f"rebuild it with `amoc corruptions --data {data}`")
+        raise DataError(
+            f"{cset.folder}: generated from other test images than those in {data} (pixel hash differs); "
+            f"rebuild it with `amoc corruptions --data {data}`"
+        )
     return x, y
 
 
@@ -115,13 +139,16 @@ def run(cfg: Config, args: Any) -> int:
                 writer.writerow([name, s, f"{acc:.2f}"])
         write_text(out / "corruptions.csv", buf.getvalue())
         curve = [(0, res["clean_acc"])] + sorted(res["per_severity"].items())
-        write_text(out / "severity.csv", ",".join(SEVERITY_COLUMNS) + "\n"
-                   + "".join(f"{s},{acc:.2f}\n" for s, acc in curve))
+        write_text(
+            out / "severity.csv", ",".join(SEVERITY_COLUMNS) + "\n" + "".join(f"{s},{acc:.2f}\n" for s, acc in curve)
+        )
         write_json(out / "corruptions.json", report)
         m = report["metrics"]
         write_json(out / "metrics.json", {"mean_acc": m["mean_corruption_acc"], "relative_drop": m["relative_drop"]})
     m = report["metrics"]
-    print(f"amoc evaluate: {cset.kind} corruptions, {cset.n_images:,} images: clean {m['clean_acc']:.2f}%, "
-          f"mean corruption {m['mean_corruption_acc']:.2f}%, relative drop {m['relative_drop']} -> {out} "
-          f"({report['seconds']:.1f} s)")
+    print(
+        f"amoc evaluate: {cset.kind} corruptions, {cset.n_images:,} images: clean {m['clean_acc']:.2f}%, "
+        f"mean corruption {m['mean_corruption_acc']:.2f}%, relative drop {m['relative_drop']} -> {out} "
+        f"({report['seconds']:.1f} s)"
+    )
     return 0

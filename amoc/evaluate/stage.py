@@ -1,4 +1,5 @@
 """`amoc evaluate [--corruptions DIR]`: one stage, two kinds of test images."""
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@
 images in [0, 1] (B x 3 x H x W) to logits, with input normalisation inside, so any
 attack library (torchattacks, AutoAttack, foolbox...) can be pointed at it directly.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,14 +53,17 @@ class Classifier(nn.Module):
 def save_classifier(path: str | os.PathLike, model: Classifier, provenance: dict[str, Any] | None = None) -> None:
     """Plain data and CPU tensors only, so `load_classifier` can use weights_only loading."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch_save(path, {
-        "format": CLASSIFIER_FORMAT,
-        "encoder": encoder_meta(model.encoder),
-        "num_classes": int(model.num_classes),
-        "bn_branch": model.bn_branch,
-        "state_dict": state,
-        "provenance": provenance or {},
-    })
+    torch_save(
+        path,
+        {
+            "format": CLASSIFIER_FORMAT,
+            "encoder": encoder_meta(model.encoder),
+            "num_classes": int(model.num_classes),
+            "bn_branch": model.bn_branch,
+            "state_dict": state,
+            "provenance": provenance or {},
+        },
+    )
 
 
 def read_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
@@ -68,8 +72,10 @@ def read_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]
     blob = torch_load(path)  # weights_only: refuses pickled code
     if not isinstance(blob, dict) or blob.get("format") != CLASSIFIER_FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise CheckpointError(f"{path}: not an amoc classifier file (format {found!r}, expected {CLASSIFIER_FORMAT}); "
-                              "pass the classifier.pt written by `amoc probe` or `amoc finetune`")
+        raise CheckpointError(
+            f"{path}: not an amoc classifier file (format {found!r}, expected {CLASSIFIER_FORMAT}); "
+            "pass the classifier.pt written by `amoc probe` or `amoc finetune`"
+        )
     try:
         meta = blob["encoder"]
         encoder = build_encoder(meta["arch"], meta["width"], meta["mean"], meta["std"])
@@ -77,7 +83,9 @@ def read_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]
         model.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: damaged amoc classifier file ({first}); rerun the stage that wrote it") from None
+        raise CheckpointError(
+            f"{path}: damaged amoc classifier file ({first}); rerun the stage that wrote it"
+        ) from None
     provenance = blob.get("provenance")
     return model.eval(), provenance if isinstance(provenance, dict) else {}
 

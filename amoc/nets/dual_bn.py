@@ -1,5 +1,6 @@
 """Dual BatchNorm: separate statistics (and affine parameters) for clean and
 adversarial inputs, selected by one switch set on the whole model at once."""
+
 from __future__ import annotations
 
 import contextlib

@@ -3,13 +3,14 @@
 Input normalisation is part of the model, so callers (and attacks) work on images
 in [0, 1]. `width` scales every stage's channels (1.0 = the paper's 64-128-256-512).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
 from amoc.nets.dual_bn import DualBatchNorm2d
@@ -45,8 +46,13 @@ class BasicBlock(nn.Module):
 class Encoder(nn.Module):
     """Images in [0,1] (B x 3 x H x W) -> features (B x feature_dim) after global pooling."""
 
-    def __init__(self, width: float = 1.0, mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD, blocks: Sequence[int] = (2, 2, 2, 2)) -> None:
+    def __init__(
+        self,
+        width: float = 1.0,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        blocks: Sequence[int] = (2, 2, 2, 2),
+    ) -> None:
         super().__init__()
         chans = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
         self.width = width
@@ -70,8 +76,9 @@ class Encoder(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
 
-def build_encoder(arch: str = "resnet18", width: float = 1.0, mean: Sequence[float] = CIFAR10_MEAN,
-                  std: Sequence[float] = CIFAR10_STD) -> Encoder:
+def build_encoder(
+    arch: str = "resnet18", width: float = 1.0, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> Encoder:
     if arch != "resnet18":
         raise ValueError(f"unknown arch {arch!r}; only resnet18 is implemented")
     return Encoder(width=width, mean=mean, std=std)

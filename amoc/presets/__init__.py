@@ -1,4 +1,5 @@
 """Bundled presets: small overrides of the paper config (demo, tests, GPU quick run)."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """The pre-training attack (docs/pretrain.md): PGD on the variant's contrastive loss."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,17 +35,21 @@ class ContrastiveAttack:
     start of every image does not depend on the number of ranks.
     """
 
-    def __init__(self, model: MoCo, variant: Variant, cfg: AttackConfig,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 dist: Dist = Dist()) -> None:
+    def __init__(
+        self,
+        model: MoCo,
+        variant: Variant,
+        cfg: AttackConfig,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        dist: Dist = Dist(),
+    ) -> None:
         self.model = model
         self.variant = variant
         self.cfg = cfg
         self.autocast = autocast
         self.dist = dist
 
-    def __call__(self, x_query: torch.Tensor, x_key: torch.Tensor,
-                 generator: torch.Generator | None = None) -> Views:
+    def __call__(self, x_query: torch.Tensor, x_key: torch.Tensor, generator: torch.Generator | None = None) -> Views:
         """-> (adversarial query view, adversarial key view); None where the variant
         keeps the view clean (both None for CCC)."""
         v, model = self.variant, self.model

@@ -72,6 +72,7 @@ not be called from several threads at once on CPU (use one module per thread; on
 nothing is cached). ``torch.where`` is avoided on large tensors (it is ~20x slower than
 arithmetic on CPU); per-sample selections are exact 0/1 blends instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,8 +84,18 @@ from torch import Tensor, nn
 from amoc.config import AugmentConfig
 from amoc.distributed import Shard
 
-__all__ = ["SimCLRAugment", "interp_matrix", "gaussian_kernels", "gaussian_blur", "pil_box_radius",
-           "pil_blur_matrices", "pil_gaussian_blur", "resized_crop", "rgb_to_gray", "adjust_hue"]
+__all__ = [
+    "SimCLRAugment",
+    "interp_matrix",
+    "gaussian_kernels",
+    "gaussian_blur",
+    "pil_box_radius",
+    "pil_blur_matrices",
+    "pil_gaussian_blur",
+    "resized_crop",
+    "rgb_to_gray",
+    "adjust_hue",
+]
 
 # ws(name, shape, like) -> an uninitialised work tensor (dtype/device of ``like``)
 Workspace = Callable[[str, tuple, Tensor], Tensor]
@@ -136,9 +147,18 @@ class _CPUWorkspace:
         return {"bufs": {}}
 
 
-def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, size: int,
-                 flip: Tensor | None = None, out: Tensor | None = None, ws: Workspace = _fresh,
-                 compute_dtype: torch.dtype | None = None) -> Tensor:
+def resized_crop(
+    images: Tensor,
+    top: Tensor,
+    left: Tensor,
+    height: Tensor,
+    width: Tensor,
+    size: int,
+    flip: Tensor | None = None,
+    out: Tensor | None = None,
+    ws: Workspace = _fresh,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Per-sample crop ``[top, top+height) x [left, left+width)`` of ``images``
     (B x C x H x W, uint8 -> scaled to [0,1], or float), resized to ``size x size`` as
     torchvision's ``resized_crop(..., antialias=True)`` and mirrored where ``flip``;
@@ -173,10 +193,12 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, widt
         i1 = torch.minimum(i0 + 1, (top + height - 1).view(-1, 1))
         base = (torch.arange(b * c, device=images.device) * h).view(b, c, 1)
         flat = images.view(b * c * h, w)
-        y0 = torch.index_select(flat, 0, (i0.unsqueeze(1) + base).view(-1),
-                                out=ws("crop_y0", (b * c * size, w), images))
-        y1 = torch.index_select(flat, 0, (i1.unsqueeze(1) + base).view(-1),
-                                out=ws("crop_y1", (b * c * size, w), images))
+        y0 = torch.index_select(
+            flat, 0, (i0.unsqueeze(1) + base).view(-1), out=ws("crop_y0", (b * c * size, w), images)
+        )
+        y1 = torch.index_select(
+            flat, 0, (i1.unsqueeze(1) + base).view(-1), out=ws("crop_y1", (b * c * size, w), images)
+        )
         w1 = (frac * unit).view(b, 1, size, 1)
         w0 = ((1.0 - frac) * unit).view(b, 1, size, 1)
         torch.mul(y0.view(b, c, size, w), w0, out=y).addcmul_(y1.view(b, c, size, w), w1)
@@ -192,8 +214,15 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, height: Tensor, widt
     return out
 
 
-def interp_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int,
-                  scale: float = 1.0, flip: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def interp_matrix(
+    start: Tensor,
+    length: Tensor,
+    in_size: int,
+    out_size: int,
+    scale: float = 1.0,
+    flip: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """B x out_size x in_size weights that resize ``[start, start+length)`` of an axis
     of ``in_size`` pixels to ``out_size`` pixels: torch's antialiased bilinear filter
     (``interpolate(mode="bilinear", align_corners=False, antialias=True)``, which
@@ -240,15 +269,15 @@ def gaussian_blur(x: Tensor, kernel: Tensor, out: Tensor | None = None, ws: Work
     kern = kernel.to(x.dtype).view(bsz, 1, 1, 1, k)
     # along W: pad the columns (reflect: no edge repeat), then sum the shifted copies
     xp = ws("blur_pad_w", (bsz, c, h, w + 2 * half), x)
-    xp[..., half:half + w].copy_(x)
+    xp[..., half : half + w].copy_(x)
     for i in range(1, half + 1):
         xp[..., half - i].copy_(x[..., i])
         xp[..., half + w - 1 + i].copy_(x[..., w - 1 - i])
     yp = ws("blur_pad_h", (bsz, c, h + 2 * half, w), x)  # the W-blurred image, padded along H
-    y = yp[:, :, half:half + h]
+    y = yp[:, :, half : half + h]
     torch.mul(xp[..., 0:w], kern[..., 0], out=y)
     for j in range(1, k):
-        y.addcmul_(xp[..., j:j + w], kern[..., j])
+        y.addcmul_(xp[..., j : j + w], kern[..., j])
     for i in range(1, half + 1):
         yp[:, :, half - i].copy_(y[:, :, i])
         yp[:, :, half + h - 1 + i].copy_(y[:, :, h - 1 - i])
@@ -256,7 +285,7 @@ def gaussian_blur(x: Tensor, kernel: Tensor, out: Tensor | None = None, ws: Work
         out = torch.empty_like(x)
     torch.mul(yp[:, :, 0:h], kern[..., 0], out=out)
     for j in range(1, k):
-        out.addcmul_(yp[:, :, j:j + h], kern[..., j])
+        out.addcmul_(yp[:, :, j : j + h], kern[..., j])
     return out
 
 
@@ -304,8 +333,14 @@ def _pil_box_tables(n: int, n_l: int, dtype: torch.dtype, device: torch.device) 
     return table
 
 
-def pil_blur_matrices(sigma: Tensor, n: int, max_sigma: float, apply: Tensor | None = None,
-                      dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+def pil_blur_matrices(
+    sigma: Tensor,
+    n: int,
+    max_sigma: float,
+    apply: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
+) -> Tensor:
     """B x n x n: the linear map that Pillow's ``ImageFilter.GaussianBlur(radius=sigma)``
     applies along an axis of ``n`` pixels (``out @ line``), per sample; the exact
     identity where ``apply`` (B, bool) is false.
@@ -343,9 +378,15 @@ def pil_blur_matrices(sigma: Tensor, n: int, max_sigma: float, apply: Tensor | N
     return out
 
 
-def pil_gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float, apply: Tensor | None = None,
-                      out: Tensor | None = None, ws: Workspace = _fresh,
-                      compute_dtype: torch.dtype | None = None) -> Tensor:
+def pil_gaussian_blur(
+    x: Tensor,
+    sigma: Tensor,
+    max_sigma: float,
+    apply: Tensor | None = None,
+    out: Tensor | None = None,
+    ws: Workspace = _fresh,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Per-sample blur of x (B x C x H x W float) as Pillow's
     ``ImageFilter.GaussianBlur(radius=sigma[b])`` (in float, without Pillow's rounding
     to uint8 after each of its six box passes), the identity where ``apply`` is false.
@@ -359,8 +400,11 @@ def pil_gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float, apply: Tensor 
     dtype = compute_dtype or (torch.float64 if x.is_cuda else torch.float32)
     ref = x.new_empty((), dtype=dtype)
     mh = pil_blur_matrices(sigma, h, max_sigma, apply, dtype=dtype, out=ws("blur_mh", (bsz, h, h), ref))
-    mw = mh if w == h else pil_blur_matrices(sigma, w, max_sigma, apply, dtype=dtype,
-                                              out=ws("blur_mw", (bsz, w, w), ref))
+    mw = (
+        mh
+        if w == h
+        else pil_blur_matrices(sigma, w, max_sigma, apply, dtype=dtype, out=ws("blur_mw", (bsz, w, w), ref))
+    )
     src = x if x.dtype == dtype and x.is_contiguous() else ws("blur_in", (bsz, c, h, w), ref).copy_(x)
     t = torch.bmm(src.view(bsz, c * h, w), mw.transpose(1, 2), out=ws("blur_t", (bsz, c * h, w), ref))
     rows = ws("blur_rows", (bsz, c, h, h), ref).copy_(mh.unsqueeze(1).expand(bsz, c, h, h))
@@ -467,9 +511,14 @@ class SimCLRAugment(nn.Module):
         return f"size={self.size}, cfg={self.cfg}"
 
     # ------------------------------------------------------------------ parameters
-    def sample_params(self, batch: int, generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None, height: int | None = None,
-                      width: int | None = None) -> dict[str, Tensor]:
+    def sample_params(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> dict[str, Tensor]:
         """Per-sample parameters for ``batch`` images of ``height x width`` (default
         ``size x size``), as tensors on ``device``:
 
@@ -481,8 +530,11 @@ class SimCLRAugment(nn.Module):
         """
         height = self.size if height is None else int(height)
         width = self.size if width is None else int(width)
-        device = torch.device(device) if device is not None else (
-            generator.device if generator is not None else torch.device("cpu"))
+        device = (
+            torch.device(device)
+            if device is not None
+            else (generator.device if generator is not None else torch.device("cpu"))
+        )
         draw_on = generator.device if generator is not None else device
         u = torch.rand(batch, _N_UNIFORMS, generator=generator, device=draw_on)
         if u.device != device:
@@ -493,9 +545,9 @@ class SimCLRAugment(nn.Module):
         # RandomResizedCrop.get_params, 10 candidates at once, the first valid wins.
         area = float(height * width)
         lo, hi = self.scale
-        target = area * (lo + (hi - lo) * u[:, _C_AREA:_C_AREA + CROP_TRIES])
+        target = area * (lo + (hi - lo) * u[:, _C_AREA : _C_AREA + CROP_TRIES])
         lr0, lr1 = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(lr0 + (lr1 - lr0) * u[:, _C_RATIO:_C_RATIO + CROP_TRIES])
+        aspect = torch.exp(lr0 + (lr1 - lr0) * u[:, _C_RATIO : _C_RATIO + CROP_TRIES])
         cw = torch.sqrt(target * aspect).round_()
         ch = torch.sqrt(target / aspect).round_()
         valid = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
@@ -517,7 +569,7 @@ class SimCLRAugment(nn.Module):
         for i, name in enumerate(("brightness", "contrast", "saturation", "hue")):
             a, b = self.factor_ranges[i]
             out[name] = a + (b - a) * u[:, _C_FACTORS + i]
-        out["order"] = torch.argsort(u[:, _C_ORDER:_C_ORDER + 4], dim=1)
+        out["order"] = torch.argsort(u[:, _C_ORDER : _C_ORDER + 4], dim=1)
         out["gray"] = u[:, _C_GRAY] < cfg.gray_p
         out["blur"] = u[:, _C_BLUR] < cfg.blur_p
         s0, s1 = float(cfg.blur_sigma[0]), float(cfg.blur_sigma[1])
@@ -546,8 +598,9 @@ class SimCLRAugment(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected B x 3 x H x W images, got shape {tuple(images.shape)}")
         b, _, hgt, wid = images.shape
-        params = self.sample_params(b if shard is None else shard.total, generator=generator, device=images.device,
-                                    height=hgt, width=wid)
+        params = self.sample_params(
+            b if shard is None else shard.total, generator=generator, device=images.device, height=hgt, width=wid
+        )
         if shard is not None:
             params = {name: shard.rows(value) for name, value in params.items()}
         return self.apply_params(images, params)
@@ -568,8 +621,17 @@ class SimCLRAugment(nn.Module):
         out = torch.empty((b, 3, size, size), dtype=torch.float32, device=dev)  # the only new big tensor
 
         # 1-2. crop + resize + flip
-        x = resized_crop(images, p["top"], p["left"], p["height"], p["width"], size,
-                         flip=p["flip"] if self.use_flip else None, out=out, ws=ws)
+        x = resized_crop(
+            images,
+            p["top"],
+            p["left"],
+            p["height"],
+            p["width"],
+            size,
+            flip=p["flip"] if self.use_flip else None,
+            out=out,
+            ws=ws,
+        )
 
         # 3. colour jitter (clamped to [0,1] after each op, as torchvision).
         if self.use_jitter:
@@ -614,6 +676,6 @@ class SimCLRAugment(nn.Module):
         for i in range(ops.shape[1]):
             if i == n_pre:
                 _put_(x, p["jitter"], adjust_hue(x, p["hue"], out=self._ws("hue", x.shape, x), ws=self._ws))
-            c = coef[:, :, i:i + 1]  # 3 x B x 1 x 1 x 1
+            c = coef[:, :, i : i + 1]  # 3 x B x 1 x 1 x 1
             _blend_(x, c[0], c[1], c[2], ws=self._ws)
         return x

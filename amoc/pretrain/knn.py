@@ -7,6 +7,7 @@ highest cosine similarity and a weighted vote, weight exp(cos / 0.1) per neighbo
 as in the InstDisc / MoCo CIFAR demos (ties between classes go to the lower label).
 Everything runs batched on the features' device.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ VOTE_TEMPERATURE = 0.1
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: torch.Tensor, branch: Branch, rt: Runtime,
-                     batch_size: int = 1024) -> torch.Tensor:
+def extract_features(
+    encoder: nn.Module, images: torch.Tensor, branch: Branch, rt: Runtime, batch_size: int = 1024
+) -> torch.Tensor:
     """uint8 N x 3 x H x W (any device) -> N x D unit-norm fp32 features on rt.device."""
     feats = []
     with eval_mode(encoder), bn_branch(encoder, branch):
@@ -34,9 +36,16 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, branch: Branch, r
 
 
 @torch.no_grad()
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                *, k: int, num_classes: int, temperature: float = VOTE_TEMPERATURE,
-                batch_size: int = 512) -> torch.Tensor:
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    *,
+    k: int,
+    num_classes: int,
+    temperature: float = VOTE_TEMPERATURE,
+    batch_size: int = 512,
+) -> torch.Tensor:
     """Weighted k-NN labels (M) of unit-norm test features (M x D) against unit-norm
     training features (N x D) with labels (N); k is capped at N."""
     k = min(k, train_features.shape[0])
@@ -52,8 +61,16 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     return torch.cat(preds)
 
 
-def knn_accuracy(encoder: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-                 *, k: int, branch: Branch, rt: Runtime, num_classes: int | None = None) -> float:
+def knn_accuracy(
+    encoder: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    k: int,
+    branch: Branch,
+    rt: Runtime,
+    num_classes: int | None = None,
+) -> float:
     """Top-1 k-NN accuracy (a fraction in [0, 1]) of the clean test set."""
     (train_x, train_y), (test_x, test_y) = train, test
     if num_classes is None:

@@ -4,6 +4,7 @@ Losses are summed on the device, step after step, and read back only every few s
 (`running`, `check_finite`) and at the end of an epoch, so the loop never waits for
 the device.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,7 +33,9 @@ class EpochLog:
         self.lr = 0.0
 
     def add(self, losses: dict[str, torch.Tensor], lr: float) -> None:
-        step = torch.stack([losses["loss"], losses["loss_clean"], losses.get("loss_adv", torch.zeros_like(losses["loss"]))])
+        step = torch.stack(
+            [losses["loss"], losses["loss_clean"], losses.get("loss_adv", torch.zeros_like(losses["loss"]))]
+        )
         if self.sums is None:
             self.sums = step
         else:
@@ -55,9 +58,16 @@ class EpochLog:
     def end_epoch(self, epoch: int, *, images: int, seconds: float, knn_acc: float | None) -> dict[str, Any]:
         """Close the epoch's row (epoch counted from 1) and rewrite log.csv."""
         means = self.running()
-        row = {"epoch": epoch, "loss": means.get("loss"), "loss_clean": means.get("loss_clean"),
-               "loss_adv": means.get("loss_adv"), "lr": self.lr, "images_per_s": images / max(seconds, 1e-9),
-               "seconds": seconds, "knn_acc": knn_acc}
+        row = {
+            "epoch": epoch,
+            "loss": means.get("loss"),
+            "loss_clean": means.get("loss_clean"),
+            "loss_adv": means.get("loss_adv"),
+            "lr": self.lr,
+            "images_per_s": images / max(seconds, 1e-9),
+            "seconds": seconds,
+            "knn_acc": knn_acc,
+        }
         self.rows.append(row)
         self.sums, self.count = None, 0
         self.write()
@@ -75,8 +85,12 @@ class EpochLog:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
-        return {"rows": [dict(r) for r in self.rows], "count": self.count, "lr": self.lr,
-                "sums": None if self.sums is None else self.sums.detach().cpu()}
+        return {
+            "rows": [dict(r) for r in self.rows],
+            "count": self.count,
+            "lr": self.lr,
+            "sums": None if self.sums is None else self.sums.detach().cpu(),
+        }
 
     def load_state(self, state: dict[str, Any], device: torch.device) -> None:
         self.rows = [dict(r) for r in state["rows"]]

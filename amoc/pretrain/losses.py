@@ -1,12 +1,12 @@
 """The contrastive loss, as a pure function."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
-             reduction: str = "mean") -> torch.Tensor:
+def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """MoCo's InfoNCE: cross-entropy of logits = [q.k, q.queue] with the positive at 0.
 
     query, key: B x D, already L2-normalised and divided by sqrt(T) (as the networks

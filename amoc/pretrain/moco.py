@@ -4,6 +4,7 @@ The model owns the state of the method and nothing else: the step (step.py) and 
 attack (attack.py) call its small methods. All state is in parameters and persistent
 buffers, so ``state_dict()`` is a complete checkpoint of the method.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,11 +51,21 @@ class MoCo(nn.Module):
     trained: ``requires_grad`` is False and :meth:`update_key` is their only writer.
     """
 
-    def __init__(self, encoder: Encoder, *, hidden_dim: int, feature_dim: int, temperature: float,
-                 key_momentum: float, queue_size: int, queue_size_adv: int) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        hidden_dim: int,
+        feature_dim: int,
+        temperature: float,
+        key_momentum: float,
+        queue_size: int,
+        queue_size_adv: int,
+    ) -> None:
         super().__init__()
-        self.query = nn.Sequential(OrderedDict(
-            encoder=encoder, projector=projector(encoder.feature_dim, hidden_dim, feature_dim)))
+        self.query = nn.Sequential(
+            OrderedDict(encoder=encoder, projector=projector(encoder.feature_dim, hidden_dim, feature_dim))
+        )
         self.key = copy.deepcopy(self.query)
         self.key.requires_grad_(False)
         self.temperature = temperature
@@ -128,7 +139,9 @@ class QueryPass(nn.Module):
         self.query = model.query
         self.temperature = model.temperature
 
-    def forward(self, x_clean: torch.Tensor, x_adv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x_clean: torch.Tensor, x_adv: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q_clean = embed(self.query, x_clean, "clean", self.temperature)
         return q_clean, None if x_adv is None else embed(self.query, x_adv, "adv", self.temperature)
 
@@ -137,5 +150,12 @@ def build_moco(cfg: Config, mean: Sequence[float], std: Sequence[float]) -> MoCo
     """The model a config describes; `mean`/`std` are the data's normalisation."""
     m = cfg.model
     encoder = build_encoder(m.arch, m.width, mean, std)
-    return MoCo(encoder, hidden_dim=m.hidden_dim, feature_dim=m.feature_dim, temperature=m.temperature,
-                key_momentum=m.key_momentum, queue_size=cfg.queue_size, queue_size_adv=cfg.queue_size_adv)
+    return MoCo(
+        encoder,
+        hidden_dim=m.hidden_dim,
+        feature_dim=m.feature_dim,
+        temperature=m.temperature,
+        key_momentum=m.key_momentum,
+        queue_size=cfg.queue_size,
+        queue_size_adv=cfg.queue_size_adv,
+    )

@@ -2,8 +2,8 @@
 
 Outputs in ``--out``: encoder.pt (nets.store format), metrics.json (the headline: k-NN
 accuracy, the random-init encoder's k-NN accuracy, the final loss), summary.json (what
-ran and how fast), log.csv (one row per epoch, rewritten atomically) and checkpoints/ (every ``checkpoint_every`` epochs,
-at the end, and when SIGINT/SIGTERM stops the run mid-epoch). ``--resume`` continues
+ran and how fast), log.csv (one row per epoch, rewritten atomically) and checkpoints/
+(every ``checkpoint_every`` epochs, at the end, and when SIGINT/SIGTERM stops the run). ``--resume`` continues
 from the newest good checkpoint written by the same config; the resumed run ends with
 the same weights, bit for bit on the CPU, as one that was never interrupted: the
 epoch's image order is a function of (seed, epoch) and every other random number
@@ -14,6 +14,7 @@ pretrain.batch_size is the global batch, DDP averages the query net's gradients,
 keys of all ranks enter every rank's queues in rank order, BN follows distributed.bn,
 and rank 0 writes every file. A checkpoint resumes under any world size.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,10 @@ def load_data(folder: str | Path, device: torch.device, batch_size: int) -> Data
     test_x, test_y = load_split(folder, "test")
     n = len(train_x)
     if n < batch_size:
-        raise DataError(f"{folder}: {n} training images are fewer than one batch (pretrain.batch_size={batch_size}); "
-                        f"lower it, e.g. --set pretrain.batch_size={_pow2_below(n)}, or prepare more data")
+        raise DataError(
+            f"{folder}: {n} training images are fewer than one batch (pretrain.batch_size={batch_size}); "
+            f"lower it, e.g. --set pretrain.batch_size={_pow2_below(n)}, or prepare more data"
+        )
     return Data(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), stats)
 
 
@@ -85,17 +88,35 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 def run_fingerprint(cfg: Config, rt: Runtime, stats: dict[str, Any]) -> str:
     """Everything that changes the numbers a resumed run would produce."""
     pretrain = {k: v for k, v in to_dict(cfg.pretrain).items() if k != "checkpoint_every"}
-    return fingerprint(cfg.variant, cfg.queue_size, cfg.queue_size_adv, cfg.leverage, cfg.seed,
-                       to_dict(cfg.model), pretrain, stats, rt.device.type, str(rt.amp_dtype), str(rt.attack_amp_dtype),
-                       rt.channels_last, rt.compile, to_dict(cfg.distributed))
+    return fingerprint(
+        cfg.variant,
+        cfg.queue_size,
+        cfg.queue_size_adv,
+        cfg.leverage,
+        cfg.seed,
+        to_dict(cfg.model),
+        pretrain,
+        stats,
+        rt.device.type,
+        str(rt.amp_dtype),
+        str(rt.attack_amp_dtype),
+        rt.channels_last,
+        rt.compile,
+        to_dict(cfg.distributed),
+    )
 
 
 def make_optimizer(model: MoCo, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """SGD on every query-net parameter, weight decay on all of them (the authors' choice:
     BN affine and biases included)."""
     p = cfg.pretrain
-    return torch.optim.SGD(model.query.parameters(), lr=base_lr(cfg), momentum=p.momentum, weight_decay=p.weight_decay,
-                           fused=True if device.type == "cuda" else None)
+    return torch.optim.SGD(
+        model.query.parameters(),
+        lr=base_lr(cfg),
+        momentum=p.momentum,
+        weight_decay=p.weight_decay,
+        fused=True if device.type == "cuda" else None,
+    )
 
 
 def base_lr(cfg: Config) -> float:
@@ -111,10 +132,13 @@ def run(cfg: Config, args: Any) -> int:
             metrics = Pretraining(cfg, Path(args.data), out, dist).run(resume=args.resume)
     if not dist.main:
         return 0
-    print(f"amoc pretrain: {cfg.variant}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
-          f"(random-init encoder {metrics['knn_random_acc']:.4f}; {metrics['knn_bn_branch']} BN), final loss "
-          f"{metrics['loss']:.3f} (log(K+1) = {metrics['log_k_plus_1']:.3f}), {metrics['images_per_s']:.1f} images/s -> {out} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"amoc pretrain: {cfg.variant}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
+        f"(random-init encoder {metrics['knn_random_acc']:.4f}; {metrics['knn_bn_branch']} BN), final loss "
+        f"{metrics['loss']:.3f} (log(K+1) = {metrics['log_k_plus_1']:.3f}), {metrics['images_per_s']:.1f} "
+        f"images/s -> {out} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 
@@ -130,8 +154,10 @@ class Pretraining(Job):
         self.cfg, self.out, self.dist = cfg, out, dist
         p = cfg.pretrain
         if p.batch_size % dist.world:
-            raise ConfigError(f"pretrain.batch_size: the global batch of {p.batch_size} does not split evenly over "
-                              f"{dist.world} processes; use a multiple of {dist.world}")
+            raise ConfigError(
+                f"pretrain.batch_size: the global batch of {p.batch_size} does not split evenly over "
+                f"{dist.world} processes; use a multiple of {dist.world}"
+            )
         self.epochs, self.batch_size = p.epochs, p.batch_size
         self.variant = Variant.parse(cfg.variant)
         self.rt = rt = setup(cfg.runtime, cfg.seed, dist, stage="pretrain")
@@ -150,9 +176,18 @@ class Pretraining(Job):
         # declared to DDP, or it waits for its gradient forever.
         query_pass = dist.wrap(QueryPass(model), find_unused_parameters=not self.variant.adv_query)
         shuffled = ShuffledKeys(model.keys, dist) if dist.active and cfg.distributed.bn == "shuffle" else None
-        self.step = TrainStep(model, self.variant, self.optimizer, attack, leverage=cfg.leverage,
-                              enqueue_order=p.enqueue_order, autocast=rt.autocast,
-                              query_pass=query_pass, keys=shuffled, gather=dist.gather)
+        self.step = TrainStep(
+            model,
+            self.variant,
+            self.optimizer,
+            attack,
+            leverage=cfg.leverage,
+            enqueue_order=p.enqueue_order,
+            autocast=rt.autocast,
+            query_pass=query_pass,
+            keys=shuffled,
+            gather=dist.gather,
+        )
         # Holds no tensors: it works on the device of the images it is given.
         self.augment = SimCLRAugment(p.augment, size=self.data.train_x.shape[-1])
         self.generator = rt.generator(cfg.seed)  # augmentation and attack noise
@@ -161,7 +196,9 @@ class Pretraining(Job):
         self.order: torch.Tensor | None = None  # the current epoch's image order
         self.lr = 0.0
         self.clock = (0, time.perf_counter())
-        self.knn_random: float | None = None  # k-NN accuracy of the encoder before training  # (steps done, time) at the last sync, for images/s
+        self.knn_random: float | None = (
+            None  # k-NN accuracy of the encoder before training  # (steps done, time) at the last sync, for images/s
+        )
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
@@ -171,8 +208,13 @@ class Pretraining(Job):
     def state(self) -> dict[str, Any]:
         self.log.check_finite(epoch=self.log_epoch, step=self.log.count)  # never checkpoint a NaN
         check_finite_params(self.model.query, epoch=self.log_epoch)
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "log": self.log.state(), "rng": rng_state(self.generator), "knn_random": self.knn_random}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "log": self.log.state(),
+            "rng": rng_state(self.generator),
+            "knn_random": self.knn_random,
+        }
 
     def load_state(self, blob: dict[str, Any]) -> None:
         self.model.load_state_dict(blob["model"])
@@ -207,12 +249,13 @@ class Pretraining(Job):
     def train_step(self, epoch: int, step: int) -> None:
         p, rt, dist = self.cfg.pretrain, self.rt, self.dist
         shard = dist.shard(p.batch_size)  # this rank's rows of every global batch
-        images = self.data.train_x[shard.rows(self.order[step * p.batch_size:(step + 1) * p.batch_size])]
+        images = self.data.train_x[shard.rows(self.order[step * p.batch_size : (step + 1) * p.batch_size])]
         x_query = rt.images(self.augment(images, generator=self.generator, shard=shard))
         x_key = rt.images(self.augment(images, generator=self.generator, shard=shard))
         total = p.epochs * self.steps_per_epoch
-        self.lr = warmup_cosine(epoch * self.steps_per_epoch + step, total, p.warmup_epochs * self.steps_per_epoch,
-                                self.base_lr)
+        self.lr = warmup_cosine(
+            epoch * self.steps_per_epoch + step, total, p.warmup_epochs * self.steps_per_epoch, self.base_lr
+        )
         set_lr(self.optimizer, self.lr)
         losses = self.step(x_query, x_key, self.generator)
         if dist.active:  # the global batch's mean losses, as one process would log them
@@ -224,8 +267,11 @@ class Pretraining(Job):
         done, now = epoch * self.steps_per_epoch + step, time.perf_counter()
         images_per_s = (done - self.clock[0]) * self.batch_size / max(now - self.clock[1], 1e-9)
         self.clock = (done, now)
-        return {**{name: f"{value:.3f}" for name, value in self.log.running().items()},
-                "lr": f"{self.lr:.4f}", "img_s": f"{images_per_s:.0f}"}
+        return {
+            **{name: f"{value:.3f}" for name, value in self.log.running().items()},
+            "lr": f"{self.lr:.4f}",
+            "img_s": f"{images_per_s:.0f}",
+        }
 
     def end_epoch(self, epoch: int, seconds: float) -> bool:
         p = self.cfg.pretrain
@@ -236,15 +282,27 @@ class Pretraining(Job):
         row = self.log.end_epoch(done, images=self.steps_per_epoch * p.batch_size, seconds=seconds, knn_acc=knn)
         chance = math.log(self.cfg.queue_size + 1)  # InfoNCE when the positive looks like every negative
         if done > 1 and self.dist.main and abs(row["loss_clean"] - chance) < COLLAPSE_TOLERANCE:
-            print(f"warning: pretrain: epoch {done}'s loss_clean {row['loss_clean']:.3f} sits at log(K+1) = {chance:.3f}: "
-                  "the key net cannot tell the positive from the negatives; lower model.key_momentum or raise "
-                  "pretrain.epochs (docs/results.md)", file=sys.stderr, flush=True)
+            print(
+                f"warning: pretrain: epoch {done}'s loss_clean {row['loss_clean']:.3f} sits at log(K+1) = "
+                f"{chance:.3f}: "
+                "the key net cannot tell the positive from the negatives; lower model.key_momentum or raise "
+                "pretrain.epochs (docs/results.md)",
+                file=sys.stderr,
+                flush=True,
+            )
         return done % p.checkpoint_every == 0 or done == p.epochs
 
     def knn(self) -> float:
         d = self.data
-        return knn_accuracy(self.model.encoder, (d.train_x, d.train_y), (d.test_x, d.test_y), k=self.cfg.pretrain.knn_k,
-                            branch=self.variant.encoder_bn_branch, rt=self.rt, num_classes=d.stats.get("num_classes"))
+        return knn_accuracy(
+            self.model.encoder,
+            (d.train_x, d.train_y),
+            (d.test_x, d.test_y),
+            k=self.cfg.pretrain.knn_k,
+            branch=self.variant.encoder_bn_branch,
+            rt=self.rt,
+            num_classes=d.stats.get("num_classes"),
+        )
 
     def finish(self) -> dict[str, Any]:
         """Write encoder.pt, metrics.json (the headline numbers DVC compares) and summary.json
@@ -255,15 +313,28 @@ class Pretraining(Job):
         seconds = sum(r["seconds"] for r in rows)
         metrics = {"knn_acc": last["knn_acc"], "knn_random_acc": self.knn_random, "loss": last["loss"]}
         summary = {
-            "variant": v.name, "queue_size": cfg.queue_size, "queue_size_adv": cfg.queue_size_adv,
-            "epochs": len(rows), **metrics, "knn_bn_branch": v.encoder_bn_branch,
-            "loss_clean": last["loss_clean"], "loss_adv": last["loss_adv"] if v.has_adv_loss else None,
+            "variant": v.name,
+            "queue_size": cfg.queue_size,
+            "queue_size_adv": cfg.queue_size_adv,
+            "epochs": len(rows),
+            **metrics,
+            "knn_bn_branch": v.encoder_bn_branch,
+            "loss_clean": last["loss_clean"],
+            "loss_adv": last["loss_adv"] if v.has_adv_loss else None,
             "log_k_plus_1": math.log(cfg.queue_size + 1),
-            "seconds": seconds, "images_per_s": len(rows) * self.steps_per_epoch * cfg.pretrain.batch_size / max(seconds, 1e-9),
+            "seconds": seconds,
+            "images_per_s": len(rows) * self.steps_per_epoch * cfg.pretrain.batch_size / max(seconds, 1e-9),
         }
-        extra = {"bn_branch": v.encoder_bn_branch, "variant": v.name, "queue_size": cfg.queue_size,
-                 "queue_size_adv": cfg.queue_size_adv, "epochs": len(rows), "seed": cfg.seed,
-                 "leverage": cfg.leverage, "knn_acc": last["knn_acc"]}
+        extra = {
+            "bn_branch": v.encoder_bn_branch,
+            "variant": v.name,
+            "queue_size": cfg.queue_size,
+            "queue_size_adv": cfg.queue_size_adv,
+            "epochs": len(rows),
+            "seed": cfg.seed,
+            "leverage": cfg.leverage,
+            "knn_acc": last["knn_acc"],
+        }
         if self.dist.main:
             self.log.write()
             save_encoder(self.out / "encoder.pt", self.model.encoder, extra=extra)

@@ -1,4 +1,5 @@
 """One AMOC training iteration (docs/pretrain.md), written as the algorithm reads."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,12 +46,20 @@ class TrainStep:
     batch of keys and the queues stay identical).
     """
 
-    def __init__(self, model: MoCo, variant: Variant, optimizer: torch.optim.Optimizer, attack: ContrastiveAttack,
-                 *, leverage: float, enqueue_order: EnqueueOrder = "authors",
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 query_pass: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-                 keys: Callable[..., torch.Tensor] | None = None,
-                 gather: Callable[[torch.Tensor], torch.Tensor] = lambda k: k) -> None:
+    def __init__(
+        self,
+        model: MoCo,
+        variant: Variant,
+        optimizer: torch.optim.Optimizer,
+        attack: ContrastiveAttack,
+        *,
+        leverage: float,
+        enqueue_order: EnqueueOrder = "authors",
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        query_pass: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+        keys: Callable[..., torch.Tensor] | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] = lambda k: k,
+    ) -> None:
         if enqueue_order not in ("moco", "authors"):
             raise ValueError(f"enqueue_order must be 'moco' or 'authors', got {enqueue_order!r}")
         self.model = model
@@ -64,8 +73,9 @@ class TrainStep:
         self.keys = keys or (lambda x, branch, generator=None: model.keys(x, branch))
         self.gather = gather
 
-    def __call__(self, x_query: torch.Tensor, x_key: torch.Tensor,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, x_query: torch.Tensor, x_key: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Two views of the same B images (B x 3 x H x W in [0,1]) -> detached losses
         on the device: loss, loss_clean and (not for CCC) loss_adv. No host sync."""
         v, model = self.variant, self.model

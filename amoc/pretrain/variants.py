@@ -22,6 +22,7 @@ the clean one. Plain ACA never writes queue_adv, faithfully to the authors' code
 L_adv negatives are the queue's random initial columns for the whole run. ACA+ exists
 to fix that.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,13 @@ class Variant:
         if canon not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} (ACA_PLUS = ACA+)")
         letters = canon[:3]
-        return cls(name=canon, adv_query=letters[0] == "A", adv_key=letters[1] == "A",
-                   adv_queue=letters[2] == "A", plus_enqueue=canon.endswith("+"))
+        return cls(
+            name=canon,
+            adv_query=letters[0] == "A",
+            adv_key=letters[1] == "A",
+            adv_queue=letters[2] == "A",
+            plus_enqueue=canon.endswith("+"),
+        )
 
     # ------------------------------------------------------------------ the loss
     @property

@@ -1,4 +1,5 @@
 """Formatting and figure output shared by the report's modules."""
+
 from __future__ import annotations
 
 from pathlib import Path

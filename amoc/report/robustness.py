@@ -8,6 +8,7 @@
 Every title says which corrupted set was used; a generated set is called a generated
 approximation, never CIFAR-10-C. Figures use the Agg backend and are written atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,11 +60,12 @@ def _grid(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _seaborn():
     import matplotlib
+
     matplotlib.use("Agg")
     import seaborn as sns
     from matplotlib.figure import Figure
-    return sns, Figure
 
+    return sns, Figure
 
 
 def corruption_heatmaps(runs_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
@@ -73,12 +75,16 @@ def corruption_heatmaps(runs_dir: str | os.PathLike, out_dir: str | os.PathLike)
         grid = _grid(rows)
         fig = Figure(figsize=(1.1 * grid.shape[1] + 3.5, 0.42 * grid.shape[0] + 1.8))
         ax = fig.subplots()
-        sns.heatmap(grid, annot=True, fmt=".1f", vmin=0, vmax=100, cmap="viridis", ax=ax,
-                    cbar_kws={"label": "accuracy (%)"})
+        sns.heatmap(
+            grid, annot=True, fmt=".1f", vmin=0, vmax=100, cmap="viridis", ax=ax, cbar_kws={"label": "accuracy (%)"}
+        )
         m = report.get("metrics", {})
-        ax.set_title(f"{model}: accuracy under corruptions, {_set_label(report)}\n"
-                     f"{report.get('n_images')} test images; clean {m.get('clean_acc')}%, "
-                     f"mean corruption {m.get('mean_corruption_acc')}%", fontsize=9)
+        ax.set_title(
+            f"{model}: accuracy under corruptions, {_set_label(report)}\n"
+            f"{report.get('n_images')} test images; clean {m.get('clean_acc')}%, "
+            f"mean corruption {m.get('mean_corruption_acc')}%",
+            fontsize=9,
+        )
         ax.set_xlabel("severity")
         ax.set_ylabel("corruption")
         paths.append(save_png(fig, out / f"corruptions_{model}.png"))
@@ -91,8 +97,10 @@ def _comparison(runs: dict[str, tuple[pd.DataFrame, dict[str, Any]]], out: Path,
     bars, lines = [], []
     for model, (_, report) in runs.items():
         m = report.get("metrics", {})
-        bars += [{"model": model, "metric": "clean", "accuracy": m.get("clean_acc")},
-                 {"model": model, "metric": "mean corruption", "accuracy": m.get("mean_corruption_acc")}]
+        bars += [
+            {"model": model, "metric": "clean", "accuracy": m.get("clean_acc")},
+            {"model": model, "metric": "mean corruption", "accuracy": m.get("mean_corruption_acc")},
+        ]
         lines.append({"model": model, "severity": 0, "accuracy": m.get("clean_acc")})
         lines += [{"model": model, "severity": int(s), "accuracy": v} for s, v in m.get("per_severity", {}).items()]
     fig = Figure(figsize=(11, 4))
@@ -123,12 +131,22 @@ def transfer_heatmap(runs_dir: str | os.PathLike, out_dir: str | os.PathLike) ->
     grid, targets = _transfer_grid(report)
     fig = Figure(figsize=(1.3 * len(targets) + 3.5, 0.6 * len(grid) + 2))
     ax = fig.subplots()
-    sns.heatmap(grid, annot=True, fmt=".1f", vmin=0, vmax=100, cmap="magma", ax=ax,
-                cbar_kws={"label": "robust accuracy (%): correct clean and attacked"})
+    sns.heatmap(
+        grid,
+        annot=True,
+        fmt=".1f",
+        vmin=0,
+        vmax=100,
+        cmap="magma",
+        ax=ax,
+        cbar_kws={"label": "robust accuracy (%): correct clean and attacked"},
+    )
     a = report["attack"]
-    ax.set_title(f"Transfer PGD-{a['steps']} (L-inf eps {a['eps_255']:g}/255), {report['n_images']} test images\n"
-                 "rows: model the examples were crafted on; columns: model scored; * = suspect gradient masking",
-                 fontsize=9)
+    ax.set_title(
+        f"Transfer PGD-{a['steps']} (L-inf eps {a['eps_255']:g}/255), {report['n_images']} test images\n"
+        "rows: model the examples were crafted on; columns: model scored; * = suspect gradient masking",
+        fontsize=9,
+    )
     ax.set_xlabel("target model")
     ax.set_ylabel("source model")
     ax.tick_params(axis="y", labelrotation=0)
@@ -143,7 +161,6 @@ def _transfer_grid(report: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame.from_dict(rows, orient="index", columns=names).astype(float), targets
 
 
-
 def _pct(fraction: float | None) -> float | None:
     return None if fraction is None else 100.0 * fraction
 
@@ -154,14 +171,20 @@ def markdown_sections(runs_dir: str | os.PathLike) -> str:
     if runs:
         parts.append("## Common corruptions\n")
         if any(r.get("kind") != "official" for _, r in runs.values()):
-            parts.append("**Not the official benchmark:** at least one set below is a generated approximation or a "
-                         "user archive; do not compare its numbers with published CIFAR-10-C / CIFAR-100-C results.\n")
-        parts.append("| model | set | images | clean (%) | mean corruption (%) | relative drop (% of clean) |\n"
-                     "|---|---|---|---|---|---|")
+            parts.append(
+                "**Not the official benchmark:** at least one set below is a generated approximation or a "
+                "user archive; do not compare its numbers with published CIFAR-10-C / CIFAR-100-C results.\n"
+            )
+        parts.append(
+            "| model | set | images | clean (%) | mean corruption (%) | relative drop (% of clean) |\n"
+            "|---|---|---|---|---|---|"
+        )
         for model, (_, r) in runs.items():
             m = r.get("metrics", {})
-            parts.append(f"| {model} | {_set_label(r)} | {r.get('n_images')} | {fmt(m.get('clean_acc'))} | "
-                         f"{fmt(m.get('mean_corruption_acc'))} | {fmt(_pct(m.get('relative_drop')))} |")
+            parts.append(
+                f"| {model} | {_set_label(r)} | {r.get('n_images')} | {fmt(m.get('clean_acc'))} | "
+                f"{fmt(m.get('mean_corruption_acc'))} | {fmt(_pct(m.get('relative_drop')))} |"
+            )
         parts.append("")
         for model, (rows, r) in runs.items():
             grid = _grid(rows)
@@ -177,22 +200,30 @@ def markdown_sections(runs_dir: str | os.PathLike) -> str:
         a = report["attack"]
         grid, targets = _transfer_grid(report)
         parts.append("## Transfer attacks\n")
-        parts.append(f"PGD-{a['steps']}, L-inf eps {a['eps_255']:g}/255, step {a['step_255']:g}/255, cross-entropy, "
-                     f"seed {a['seed']}, {report['n_images']} test images. Rows: model the examples were crafted on; "
-                     "columns: model scored (accuracy %, the diagonal is white-box).\n")
+        parts.append(
+            f"PGD-{a['steps']}, L-inf eps {a['eps_255']:g}/255, step {a['step_255']:g}/255, cross-entropy, "
+            f"seed {a['seed']}, {report['n_images']} test images. Rows: model the examples were crafted on; "
+            "columns: model scored (accuracy %, the diagonal is white-box).\n"
+        )
         parts.append("| source \\ target | " + " | ".join(grid.columns) + " |")
         parts.append("|---" * (len(targets) + 1) + "|")
         for source, values in grid.iterrows():
             parts.append(f"| {source} | " + " | ".join(fmt(v) for v in values) + " |")
-        parts.append(f"\nGradient-masking check (flag: white-box accuracy above the best transfer accuracy by more "
-                     f"than {report['margin_pp']:g} points):\n")
-        parts.append("| model | clean (%) | white-box (%) | best transfer (%) | from | gap (points) | suspect masking |")
+        parts.append(
+            f"\nGradient-masking check (flag: white-box accuracy above the best transfer accuracy by more "
+            f"than {report['margin_pp']:g} points):\n"
+        )
+        parts.append(
+            "| model | clean (%) | white-box (%) | best transfer (%) | from | gap (points) | suspect masking |"
+        )
         parts.append("|---|---|---|---|---|---|---|")
         for t in targets:
             m = report["models"][t]
             flag = {True: "**yes**", False: "no", None: "n/a"}[m.get("suspect_gradient_masking")]
-            parts.append(f"| {t} | {fmt(m.get('clean_acc'))} | {fmt(m.get('whitebox_acc'))} | "
-                         f"{fmt(m.get('best_transfer_acc'))} | {m.get('best_transfer_source') or 'n/a'} | "
-                         f"{fmt(m.get('gap_pp'))} | {flag} |")
+            parts.append(
+                f"| {t} | {fmt(m.get('clean_acc'))} | {fmt(m.get('whitebox_acc'))} | "
+                f"{fmt(m.get('best_transfer_acc'))} | {m.get('best_transfer_source') or 'n/a'} | "
+                f"{fmt(m.get('gap_pp'))} | {flag} |"
+            )
         parts.append("")
     return "\n".join(parts)

@@ -6,6 +6,7 @@ slf, alf, aff and scratch, and any other folder up to two levels down holding an
 or unreadable input drops that row or figure with a note in the report; it never fails
 the stage, so a report of a partial run is always possible.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ from typing import Any, Callable
 import pandas as pd
 
 from amoc.config import Config
+from amoc.io import RunLock, write_text
 from amoc.report import robustness as robustness_plots
 from amoc.report.render import fmt, save_png
-from amoc.io import RunLock, write_text
 
 MODELS = {"slf": "SLF", "alf": "ALF", "aff": "AFF", "scratch": "scratch"}
 LOSS_NAMES = {"trades": "TRADES", "pgd_at": "PGD-AT", "ce": "CE"}
@@ -65,7 +66,6 @@ def _pct_knn(value: Any) -> float | None:
     return None if v is None else (100 * v if v <= 1.0 else v)
 
 
-
 # --------------------------------------------------------------------------- collection
 def collect_pretrain(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
     found = []
@@ -79,10 +79,19 @@ def collect_pretrain(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
         knn = _pct_knn(m.get("knn_acc"))
         if knn is None and log is not None and "knn_acc" in log:
             knn = _pct_knn(log["knn_acc"].dropna().iloc[-1]) if log["knn_acc"].notna().any() else None
-        found.append({"run": folder.name, "variant": m.get("variant", "?"), "queue_size": m.get("queue_size"),
-                      "epochs": m.get("epochs", None if log is None else len(log)), "knn_acc": knn,
-                      "knn_random_acc": _pct_knn(m.get("knn_random_acc")), "loss": _num(m.get("loss")),
-                      "log_k_plus_1": _num(m.get("log_k_plus_1")), "log": log})
+        found.append(
+            {
+                "run": folder.name,
+                "variant": m.get("variant", "?"),
+                "queue_size": m.get("queue_size"),
+                "epochs": m.get("epochs", None if log is None else len(log)),
+                "knn_acc": knn,
+                "knn_random_acc": _pct_knn(m.get("knn_random_acc")),
+                "loss": _num(m.get("loss")),
+                "log_k_plus_1": _num(m.get("log_k_plus_1")),
+                "log": log,
+            }
+        )
     return found
 
 
@@ -94,7 +103,7 @@ def _model_label(name: str, metrics: dict[str, Any] | None, short: bool = False)
 
 
 def pgd_name(models: list[dict[str, Any]]) -> str:
-    """"PGD-20" when every model was evaluated with the same number of steps, else "PGD"."""
+    """ "PGD-20" when every model was evaluated with the same number of steps, else "PGD"."""
     steps = {((m["eval"].get("settings") or {}).get("pgd") or {}).get("steps") for m in models}
     return f"PGD-{steps.pop()}" if len(steps) == 1 and None not in steps else "PGD"
 
@@ -122,8 +131,10 @@ def collect_models(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
         ev = None if folder is None else _read_json(folder / "eval.json", notes)
         if ev is None:
             if name in MODELS and folder is None:
-                notes.append(f"{_model_label(name, train)}: no eval.json in `{runs / name}` or `{runs / name / 'eval'}`; "
-                             "row left out (run `amoc evaluate` on its classifier.pt).")
+                notes.append(
+                    f"{_model_label(name, train)}: no eval.json in `{runs / name}` or `{runs / name / 'eval'}`; "
+                    "row left out (run `amoc evaluate` on its classifier.pt)."
+                )
             continue
         curve = _read_csv(folder / "curve.csv", notes)
         if curve is not None and not {"eps_255", "accuracy"} <= set(curve.columns):
@@ -135,12 +146,28 @@ def collect_models(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
             label += f" (last epoch {ev.get('epoch')} = best on validation)"
         elif best:
             label += f" (last epoch {ev.get('epoch')})"
-        found.append({"name": name, "label": label, "short": short,
-                      "eval": ev, "curve": curve, **{key: _num(ev.get(key)) for key, _ in METRICS}})
+        found.append(
+            {
+                "name": name,
+                "label": label,
+                "short": short,
+                "eval": ev,
+                "curve": curve,
+                **{key: _num(ev.get(key)) for key, _ in METRICS},
+            }
+        )
         if best and not best.get("same_as_last"):  # the best-on-validation classifier, side by side
-            found.append({"name": f"{name}/best", "label": f"{_model_label(name, train)} (best on validation, epoch "
-                          f"{best.get('epoch')}, {best.get('selected_by')})", "short": f"{short} best",
-                          "eval": ev, "curve": None, **{key: _num(best.get(key)) for key, _ in METRICS}})
+            found.append(
+                {
+                    "name": f"{name}/best",
+                    "label": f"{_model_label(name, train)} (best on validation, epoch "
+                    f"{best.get('epoch')}, {best.get('selected_by')})",
+                    "short": f"{short} best",
+                    "eval": ev,
+                    "curve": None,
+                    **{key: _num(best.get(key)) for key, _ in METRICS},
+                }
+            )
     return found
 
 
@@ -150,51 +177,67 @@ def _settings_text(ev: dict[str, Any]) -> str:
     pgd, aa = s.get("pgd") or {}, s.get("autoattack") or {}
     parts = []
     if pgd:
-        parts.append(f"PGD-{pgd.get('steps')}: L-inf eps {pgd.get('eps_255')}/255, step {pgd.get('step_255')}/255, "
-                     f"{'random start' if pgd.get('random_start') else 'no random start'}, N = {pgd.get('n_images')}")
+        parts.append(
+            f"PGD-{pgd.get('steps')}: L-inf eps {pgd.get('eps_255')}/255, step {pgd.get('step_255')}/255, "
+            f"{'random start' if pgd.get('random_start') else 'no random start'}, N = {pgd.get('n_images')}"
+        )
     if aa.get("enabled"):
-        parts.append(f"AutoAttack {aa.get('version')} ({', '.join(aa.get('attacks') or [])}; {aa.get('iterations')} "
-                     f"iterations, {aa.get('library')}): L-inf eps {aa.get('eps_255')}/255, N = {aa.get('n_images')}")
+        parts.append(
+            f"AutoAttack {aa.get('version')} ({', '.join(aa.get('attacks') or [])}; {aa.get('iterations')} "
+            f"iterations, {aa.get('library')}): L-inf eps {aa.get('eps_255')}/255, N = {aa.get('n_images')}"
+        )
     elif aa:
         parts.append("AutoAttack off")
     sub = ev.get("subset") or {}
     if aa.get("enabled") and sub.get("n_images") and sub.get("n_images") != pgd.get("n_images"):
-        parts.append(f"on the same {sub['n_images']} AutoAttack images: clean {fmt(_num(sub.get('clean_acc')))}, "
-                     f"PGD {fmt(_num(sub.get('pgd_acc')))}, AutoAttack {fmt(_num(sub.get('autoattack_acc')))}")
+        parts.append(
+            f"on the same {sub['n_images']} AutoAttack images: clean {fmt(_num(sub.get('clean_acc')))}, "
+            f"PGD {fmt(_num(sub.get('pgd_acc')))}, AutoAttack {fmt(_num(sub.get('autoattack_acc')))}"
+        )
     return "; ".join(parts) or "settings not recorded"
 
 
 def model_table(models: list[dict[str, Any]]) -> str:
     pgd = pgd_name(models)
-    lines = [f"| model | clean (%) | {pgd} (%) | AutoAttack (%) | N clean / {pgd} | N AutoAttack |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| model | clean (%) | {pgd} (%) | AutoAttack (%) | N clean / {pgd} | N AutoAttack |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for m in models:
         s = m["eval"].get("settings") or {}
         n = (s.get("pgd") or {}).get("n_images", m["eval"].get("n_images", "?"))
         aa = s.get("autoattack") or {}
         n_aa = aa.get("n_images", "?") if aa.get("enabled", True) else "-"
-        lines.append(f"| {m['label']} | {fmt(m['clean_acc'])} | {fmt(m['pgd_acc'])} | {fmt(m['autoattack_acc'])} "
-                     f"| {n} | {n_aa} |")
+        lines.append(
+            f"| {m['label']} | {fmt(m['clean_acc'])} | {fmt(m['pgd_acc'])} | {fmt(m['autoattack_acc'])} "
+            f"| {n} | {n_aa} |"
+        )
     return "\n".join(lines)
 
 
 def pretrain_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| run | variant | queue size | epochs | k-NN acc (%) | k-NN of the random-init encoder (%) "
-             "| final loss | log(K+1) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | variant | queue size | epochs | k-NN acc (%) | k-NN of the random-init encoder (%) "
+        "| final loss | log(K+1) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in runs:
-        lines.append(f"| {r['run']} | {r['variant']} | {fmt(r['queue_size'])} | {fmt(r['epochs'])} | {fmt(r['knn_acc'])} "
-                     f"| {fmt(r['knn_random_acc'])} | {fmt(r['loss'], 4)} | {fmt(r['log_k_plus_1'], 4)} |")
+        lines.append(
+            f"| {r['run']} | {r['variant']} | {fmt(r['queue_size'])} | {fmt(r['epochs'])} | {fmt(r['knn_acc'])} "
+            f"| {fmt(r['knn_random_acc'])} | {fmt(r['loss'], 4)} | {fmt(r['log_k_plus_1'], 4)} |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- figures
 
+
 def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, Any]], notes: list[str]) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
-
     from matplotlib.ticker import MaxNLocator
 
     sns.set_theme(style="whitegrid")
@@ -214,18 +257,27 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
             plt.close(fig)
 
     logs = [(r["run"], r["log"]) for r in pretrain if r["log"] is not None and "epoch" in r["log"]]
-    long = [log.melt(id_vars="epoch", value_vars=[c for c in ("loss", "loss_clean", "loss_adv") if c in log],
-                     var_name="term", value_name="value").assign(run=run) for run, log in logs]
+    long = [
+        log.melt(
+            id_vars="epoch",
+            value_vars=[c for c in ("loss", "loss_clean", "loss_adv") if c in log],
+            var_name="term",
+            value_name="value",
+        ).assign(run=run)
+        for run, log in logs
+    ]
     long = [d.dropna(subset=["value"]) for d in long]
     if long and any(len(d) for d in long):
         data = pd.concat(long, ignore_index=True)
 
         def draw_loss(ax: Any) -> None:
-            sns.lineplot(data=data, x="epoch", y="value", hue="term", style="run" if len(logs) > 1 else None,
-                         marker="o", ax=ax)
+            sns.lineplot(
+                data=data, x="epoch", y="value", hue="term", style="run" if len(logs) > 1 else None, marker="o", ax=ax
+            )
             ax.set(title="Pre-training loss", xlabel="epoch", ylabel="InfoNCE loss (nats)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             legend_outside(ax)
+
         figure("pretrain_loss.png", draw_loss)
     else:
         notes.append("No pre-training log.csv with losses: loss figure skipped.")
@@ -240,13 +292,23 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
         def draw_knn(ax: Any) -> None:
             sns.lineplot(data=kdata, x="epoch", y="knn_acc", hue="run", marker="o", ax=ax)
             for i, (run, acc) in enumerate(baselines.items()):
-                ax.axhline(acc, color=f"C{i}", linestyle="--", linewidth=1,
-                           label=f"random-init encoder ({run})" if len(baselines) > 1 else "random-init encoder")
-            ax.set(title="k-NN accuracy during pre-training", xlabel="epoch", ylabel="k-NN accuracy (%)",
-                   xlim=(0, max(1, int(kdata["epoch"].max())) + 0.5))
+                ax.axhline(
+                    acc,
+                    color=f"C{i}",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"random-init encoder ({run})" if len(baselines) > 1 else "random-init encoder",
+                )
+            ax.set(
+                title="k-NN accuracy during pre-training",
+                xlabel="epoch",
+                ylabel="k-NN accuracy (%)",
+                xlim=(0, max(1, int(kdata["epoch"].max())) + 0.5),
+            )
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
             legend_outside(ax, "run")
+
         figure("pretrain_knn.png", draw_knn)
     else:
         notes.append("No k-NN accuracy in any pre-training log: k-NN figure skipped.")
@@ -258,9 +320,16 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
         def draw_curve(ax: Any) -> None:
             sns.lineplot(data=cdata, x="eps_255", y="accuracy", hue="model", marker="o", ax=ax)
             steps = ((models[0]["eval"].get("settings") or {}).get("curve") or {}).get("steps")
-            ax.set(title=f"Robust accuracy vs attack budget (PGD-{steps})" if steps else "Robust accuracy vs attack budget",
-                   xlabel="L-inf eps (x 255)", ylabel="robust accuracy (%)", ylim=(0, 100))
+            ax.set(
+                title=f"Robust accuracy vs attack budget (PGD-{steps})"
+                if steps
+                else "Robust accuracy vs attack budget",
+                xlabel="L-inf eps (x 255)",
+                ylabel="robust accuracy (%)",
+                ylim=(0, 100),
+            )
             legend_outside(ax, "model")
+
         figure("robust_curve.png", draw_curve)
     else:
         notes.append("No curve.csv from `amoc evaluate`: robustness-curve figure skipped.")
@@ -268,7 +337,12 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
     def counts(key: str) -> set[Any]:
         def n(m: dict[str, Any]) -> Any:
             s = m["eval"].get("settings") or {}
-            return (s.get("autoattack") or {}).get("n_images") if key == "autoattack_acc" else (s.get("pgd") or {}).get("n_images")
+            return (
+                (s.get("autoattack") or {}).get("n_images")
+                if key == "autoattack_acc"
+                else (s.get("pgd") or {}).get("n_images")
+            )
+
         return {n(m) for m in models if m[key] is not None}
 
     def bar_name(key: str, label: str) -> str:  # "AutoAttack (N=500)" when every model used the same N
@@ -276,8 +350,12 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
         ns = counts(key)
         return f"{name} (N={ns.pop()})" if len(ns) == 1 and None not in ns else name
 
-    bars = [{"model": m["short"], "attack": bar_name(key, label), "accuracy": m[key]}
-            for m in models for key, label in METRICS if m[key] is not None]
+    bars = [
+        {"model": m["short"], "attack": bar_name(key, label), "accuracy": m[key]}
+        for m in models
+        for key, label in METRICS
+        if m[key] is not None
+    ]
     if bars:
         bdata = pd.DataFrame(bars)
 
@@ -285,10 +363,15 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
             sns.barplot(data=bdata, x="model", y="accuracy", hue="attack", ax=ax)
             for container in ax.containers:
                 ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
-            ax.set(title="Clean and robust accuracy (L-inf)", xlabel="downstream model", ylabel="accuracy (%)",
-                   ylim=(0, 105))
+            ax.set(
+                title="Clean and robust accuracy (L-inf)",
+                xlabel="downstream model",
+                ylabel="accuracy (%)",
+                ylim=(0, 105),
+            )
             ax.set_xticks(ax.get_xticks(), [textwrap.fill(t.get_text(), 12) for t in ax.get_xticklabels()])
             legend_outside(ax, "evaluation")
+
         n_models = bdata["model"].nunique()
         figure("accuracy_bars.png", draw_bars, size=(max(7.2, 1.5 * n_models + 2.5), 4.2))
     else:
@@ -296,14 +379,20 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
 
     distinct = {(r["variant"], r["queue_size"]) for r in pretrain if r["knn_acc"] is not None}
     if len(distinct) > 1:
-        pdata = pd.DataFrame([{"run": f"{r['variant']}, K={r['queue_size']} ({r['run']})", "knn_acc": r["knn_acc"]}
-                              for r in pretrain if r["knn_acc"] is not None])
+        pdata = pd.DataFrame(
+            [
+                {"run": f"{r['variant']}, K={r['queue_size']} ({r['run']})", "knn_acc": r["knn_acc"]}
+                for r in pretrain
+                if r["knn_acc"] is not None
+            ]
+        )
 
         def draw_cmp(ax: Any) -> None:
             sns.barplot(data=pdata, y="run", x="knn_acc", hue="run", legend=False, ax=ax)
             for container in ax.containers:
                 ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
             ax.set(title="Pre-training runs compared", xlabel="k-NN accuracy (%)", ylabel="variant, queue size")
+
         figure("pretrain_compare.png", draw_cmp, size=(7.2, 0.6 * len(pdata) + 1.6))
     return written
 
@@ -327,9 +416,12 @@ def build_report(runs: Path, out: Path) -> tuple[str, str, list[Path]]:
     table = model_table(models) if models else "_No evaluated downstream model yet._"
     md = ["# AMOC report", "", f"Inputs: `{runs}`.", "", "## Downstream models (test set, L-inf)", "", table, ""]
     if models:
-        md += ["Robust accuracy counts an image only if it is classified correctly both clean and under attack. "
-               "N = number of test images behind each number.", ""]
-        md += [f"- {m['label']}: {_settings_text(m['eval'])}" for m in models if not m['name'].endswith('/best')] + [""]
+        md += [
+            "Robust accuracy counts an image only if it is classified correctly both clean and under attack. "
+            "N = number of test images behind each number.",
+            "",
+        ]
+        md += [f"- {m['label']}: {_settings_text(m['eval'])}" for m in models if not m["name"].endswith("/best")] + [""]
     md += ["## Pre-training", "", pretrain_table(pretrain) if pretrain else "_No pre-training run found._", ""]
     if beyond.strip():
         md += [beyond.strip(), ""]

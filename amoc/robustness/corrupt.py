@@ -37,6 +37,7 @@ shuffles); frost lowers the image weight (1 -> 0.75) while raising the frost wei
 affine jitter shrinks (0.08 -> 0.03 of the size) while its elastic part grows, so its
 pixel change falls with severity (22 -> 14 of 255). Everything else grows strictly.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,32 +52,39 @@ from amoc.robustness import filters
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
 # Severity 1..5 parameters of the CIFAR generator.
-GAUSSIAN_NOISE = (0.04, 0.06, 0.08, 0.09, 0.10)                    # noise std
-SHOT_NOISE = (500, 250, 100, 75, 50)                                # photons per unit intensity
-IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)                      # salt-and-pepper fraction
-DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))   # disk radius, alias blur
+GAUSSIAN_NOISE = (0.04, 0.06, 0.08, 0.09, 0.10)  # noise std
+SHOT_NOISE = (500, 250, 100, 75, 50)  # photons per unit intensity
+IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)  # salt-and-pepper fraction
+DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1))  # disk radius, alias blur
 GLASS_BLUR = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))  # sigma, delta, iterations
-MOTION_BLUR = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))          # ImageMagick radius, sigma
-ZOOM_BLUR = (1.06, 1.11, 1.16, 1.21, 1.26)                          # zooms np.arange(1, stop, 0.01)
-SNOW = ((0.1, 0.2, 1, 0.6, 8, 3, 0.95),                             # mean, std, zoom, threshold,
-        (0.1, 0.2, 1, 0.5, 10, 4, 0.9),                             # blur radius, blur sigma,
-        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),                        # weight of the image
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
-        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8))
+MOTION_BLUR = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))  # ImageMagick radius, sigma
+ZOOM_BLUR = (1.06, 1.11, 1.16, 1.21, 1.26)  # zooms np.arange(1, stop, 0.01)
+SNOW = (
+    (0.1, 0.2, 1, 0.6, 8, 3, 0.95),  # mean, std, zoom, threshold,
+    (0.1, 0.2, 1, 0.5, 10, 4, 0.9),  # blur radius, blur sigma,
+    (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),  # weight of the image
+    (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+    (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+)
 FROST = ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))  # image weight, frost weight
-FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))         # fog strength, fractal decay
-BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)                             # added to HSV value
-CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)                               # scale about the channel mean
-ELASTIC = ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06),      # alpha, sigma, affine jitter,
-           (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))                     # as fractions of the image size
-PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)                             # downscale factor
+FOG = ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75))  # fog strength, fractal decay
+BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)  # added to HSV value
+CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)  # scale about the channel mean
+ELASTIC = (
+    (0, 0, 0.08),
+    (0.05, 0.2, 0.07),
+    (0.08, 0.06, 0.06),  # alpha, sigma, affine jitter,
+    (0.1, 0.04, 0.05),
+    (0.1, 0.03, 0.03),
+)  # as fractions of the image size
+PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)  # downscale factor
 JPEG_QUALITY = (80, 65, 58, 50, 40)
 
 GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as cv2.COLOR_RGB2GRAY
 
 APPROXIMATIONS = {
     "frost": "procedural frost texture (fractal ice + needle-crystal streaks, tuned by eye) "
-             "instead of crops of the six frost photographs",
+    "instead of crops of the six frost photographs",
 }
 
 
@@ -117,7 +125,7 @@ def glass_blur(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
         dx = rng.integers(-delta, delta, size=(n, len(rows), len(cols)))
         src = x[img, rows[None, :, None] + dy, cols[None, None, :] + dx]
         x = x.copy()
-        x[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = src
+        x[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = src
     return np.clip(filters.gaussian(x / 255.0, sigma), 0, 1) * 255
 
 
@@ -144,7 +152,7 @@ def snow(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     flakes = rng.normal(loc=mean, scale=std, size=(n, h, w, 1))
     flakes = filters.clipped_zoom(flakes, zoom)
     flakes[flakes < threshold] = 0
-    flakes = (np.clip(flakes, 0, 1) * 255).astype(np.uint8).astype(np.float64)   # 8-bit PNG
+    flakes = (np.clip(flakes, 0, 1) * 255).astype(np.uint8).astype(np.float64)  # 8-bit PNG
     angles = rng.uniform(-135, -45, size=n)
     flakes = np.rint(np.clip(filters.motion_blur(flakes, radius, sigma, angles), 0, 255)) / 255.0
     gray = (x @ GRAY.astype(np.float32))[..., None]
@@ -165,7 +173,7 @@ def frost_texture(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarra
         angles = rng.uniform(0, 360, size=n)
         streak = filters.motion_blur(seeds, 5, 3, angles) + filters.motion_blur(seeds, 5, 3, angles + 180)
         needles = np.maximum(needles, streak)
-    texture = np.clip(0.2 + 0.5 * ice ** 1.5 + 2.5 * needles, 0, 1)
+    texture = np.clip(0.2 + 0.5 * ice**1.5 + 2.5 * needles, 0, 1)
     return texture * np.array([0.86, 0.93, 1.0]) * 255
 
 
@@ -210,9 +218,9 @@ def elastic_transform(x: np.ndarray, s: int, rng: np.random.Generator) -> np.nda
     src_pts = np.array([centre + side, [centre[0] + side, centre[1] - side], centre - side])
     dst_pts = src_pts + rng.uniform(-jitter, jitter, size=(n, 3, 2))
     ones = np.ones((3, 1))
-    forward = np.linalg.solve(np.hstack([src_pts, ones])[None], dst_pts)     # N x 3 x 2: [x y 1] @ M^T
+    forward = np.linalg.solve(np.hstack([src_pts, ones])[None], dst_pts)  # N x 3 x 2: [x y 1] @ M^T
     full = np.concatenate([np.swapaxes(forward, 1, 2), np.tile([[[0, 0, 1.0]]], (n, 1, 1))], axis=1)
-    inverse = np.linalg.inv(full)                                            # dst -> src, N x 3 x 3
+    inverse = np.linalg.inv(full)  # dst -> src, N x 3 x 3
     yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
     src_x = inverse[:, 0, 0, None, None] * xx + inverse[:, 0, 1, None, None] * yy + inverse[:, 0, 2, None, None]
     src_y = inverse[:, 1, 0, None, None] * xx + inverse[:, 1, 1, None, None] * yy + inverse[:, 1, 2, None, None]
@@ -227,8 +235,7 @@ def elastic_transform(x: np.ndarray, s: int, rng: np.random.Generator) -> np.nda
 def pixelate(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     h, w = x.shape[1:3]
     small = (int(w * PIXELATE[s - 1]), int(h * PIXELATE[s - 1]))
-    return np.stack([np.asarray(Image.fromarray(im).resize(small, Image.BOX).resize((w, h), Image.BOX))
-                     for im in x])
+    return np.stack([np.asarray(Image.fromarray(im).resize(small, Image.BOX).resize((w, h), Image.BOX)) for im in x])
 
 
 def jpeg_compression(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -241,17 +248,26 @@ def jpeg_compression(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndar
 
 
 REGISTRY: dict[str, Corruption] = {
-    "gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
-    "defocus_blur": defocus_blur, "glass_blur": glass_blur, "motion_blur": motion_blur,
-    "zoom_blur": zoom_blur, "snow": snow, "frost": frost, "fog": fog, "brightness": brightness,
-    "contrast": contrast, "elastic_transform": elastic_transform, "pixelate": pixelate,
+    "gaussian_noise": gaussian_noise,
+    "shot_noise": shot_noise,
+    "impulse_noise": impulse_noise,
+    "defocus_blur": defocus_blur,
+    "glass_blur": glass_blur,
+    "motion_blur": motion_blur,
+    "zoom_blur": zoom_blur,
+    "snow": snow,
+    "frost": frost,
+    "fog": fog,
+    "brightness": brightness,
+    "contrast": contrast,
+    "elastic_transform": elastic_transform,
+    "pixelate": pixelate,
     "jpeg_compression": jpeg_compression,
 }
 assert tuple(REGISTRY) == CORRUPTIONS
 
 
-def corrupt(images: np.ndarray, name: str, severity: int,
-            rng: np.random.Generator | int | None = None) -> np.ndarray:
+def corrupt(images: np.ndarray, name: str, severity: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
     """Apply corruption `name` at `severity` (1-5) to uint8 H x W x 3 or N x H x W x 3."""
     if name not in REGISTRY:
         raise ValueError(f"unknown corruption {name!r}; choose one of {', '.join(CORRUPTIONS)}")

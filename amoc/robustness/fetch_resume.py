@@ -11,6 +11,7 @@ instead of 206) restarts the file. Only a file whose digest matches is renamed t
 The cache lives outside the stage's output folder because DVC and Snakemake delete a
 failed stage's outputs: $AMOC_CACHE_DIR, else $XDG_CACHE_HOME/amoc, else ~/.cache/amoc.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -37,8 +38,15 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "downloads"
 
 
-def download(url: str, expected: dict[str, str], *, key: str, progress: bool, folder: Path | None = None,
-             also: tuple[str, ...] = ()) -> tuple[Path, dict[str, str]]:
+def download(
+    url: str,
+    expected: dict[str, str],
+    *,
+    key: str,
+    progress: bool,
+    folder: Path | None = None,
+    also: tuple[str, ...] = (),
+) -> tuple[Path, dict[str, str]]:
     """(local path of the verified file at `url`, its digests), downloading what is missing.
 
     expected: algorithm ("md5" | "sha256") -> lower-case hex digest; `key` names the
@@ -67,8 +75,10 @@ def download(url: str, expected: dict[str, str], *, key: str, progress: bool, fo
         if not _matches(digests, expected):
             part.unlink(missing_ok=True)
             record.unlink(missing_ok=True)
-            raise DataError(f"{url}: checksum mismatch after download (expected {_fmt(expected)}); the partial "
-                            f"file was deleted - rerun to download again, or correct {key}")
+            raise DataError(
+                f"{url}: checksum mismatch after download (expected {_fmt(expected)}); the partial "
+                f"file was deleted - rerun to download again, or correct {key}"
+            )
         part.replace(final)
         record.unlink(missing_ok=True)
         return final, digests
@@ -94,9 +104,20 @@ def _fetch_into(url: str, part: Path, progress: bool) -> None:
             else:
                 offset = 0  # a full response (200): start the file again
                 total = content_length(response)
-            with open(part, "ab" if offset else "wb") as fh, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=part.name[:-5], disable=not progress, file=sys.stderr, leave=False) as bar:
+            with (
+                open(part, "ab" if offset else "wb") as fh,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name[:-5],
+                    disable=not progress,
+                    file=sys.stderr,
+                    leave=False,
+                ) as bar,
+            ):
                 while chunk := response.read(CHUNK):
                     fh.write(chunk)
                     received += len(chunk)
@@ -105,10 +126,13 @@ def _fetch_into(url: str, part: Path, progress: bool) -> None:
         raise DataError(f"{url}: download failed with HTTP {exc.code} {exc.reason}; check corruptions.source") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        raise DataError(f"{url}: download interrupted at byte {offset + received} ({reason}); "
-                        f"rerun to resume from {part}") from None
+        raise DataError(
+            f"{url}: download interrupted at byte {offset + received} ({reason}); rerun to resume from {part}"
+        ) from None
     if total is not None and offset + received != total:
-        raise DataError(f"{url}: download interrupted at byte {offset + received} of {total}; rerun to resume from {part}")
+        raise DataError(
+            f"{url}: download interrupted at byte {offset + received} of {total}; rerun to resume from {part}"
+        )
 
 
 def _matches(actual: dict[str, str], expected: dict[str, str]) -> bool:

@@ -12,6 +12,7 @@ is needed:
 - `plasma_fractal`: diamond-square height map on a periodic grid.
 - `disk_kernel`: a normalised aliased disk smoothed by a 3-tap Gaussian (cv2.GaussianBlur).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,10 +38,10 @@ def motion_blur(x: np.ndarray, radius: float, sigma: float, angles_deg: np.ndarr
     n, h, w = x.shape[:3]
     width = 2 * math.ceil(radius) + 1  # GetOptimalKernelWidth1D for radius > 0
     taps = np.arange(width, dtype=np.float64)
-    weights = np.exp(-taps ** 2 / (2.0 * sigma ** 2))
+    weights = np.exp(-(taps**2) / (2.0 * sigma**2))
     weights /= weights.sum()
-    theta = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))[:, None]       # N x 1
-    off_x = np.ceil(taps * np.cos(theta) - 0.5).astype(np.int64)               # N x width
+    theta = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))[:, None]  # N x 1
+    off_x = np.ceil(taps * np.cos(theta) - 0.5).astype(np.int64)  # N x width
     off_y = np.ceil(taps * np.sin(theta) - 0.5).astype(np.int64)
     img = np.arange(n)[:, None, None]
     rows = np.arange(h)[None, :, None]
@@ -49,8 +50,8 @@ def motion_blur(x: np.ndarray, radius: float, sigma: float, angles_deg: np.ndarr
     for k in range(width):
         if weights[k] < 1e-12:  # exp(-i^2/2s^2) underflows long before the last taps
             break
-        r = np.clip(rows + off_y[:, k, None, None], 0, h - 1)                   # N x H x 1
-        c = np.clip(cols + off_x[:, k, None, None], 0, w - 1)                   # N x 1 x W
+        r = np.clip(rows + off_y[:, k, None, None], 0, h - 1)  # N x H x 1
+        c = np.clip(cols + off_x[:, k, None, None], 0, w - 1)  # N x 1 x W
         out += weights[k] * x[img, r, c]
     return out
 
@@ -90,7 +91,7 @@ def plasma_fractal(n: int, size: int, decay: float, rng: np.random.Generator) ->
     step, amplitude = size, 100.0
     while step >= 2:
         half = step // 2
-        noise = lambda shape: amplitude ** 2 * rng.uniform(-1.0, 1.0, shape)  # noqa: E731
+        noise = lambda shape, amplitude=amplitude: amplitude**2 * rng.uniform(-1.0, 1.0, shape)  # noqa: E731
         # Square step: each square's centre is the mean of its four corners.
         corners = grid[:, ::step, ::step]
         right = np.roll(corners, -1, axis=2)
@@ -113,9 +114,9 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
     half = math.ceil(radius) + 1
     coords = np.arange(-half, half + 1)
     xx, yy = np.meshgrid(coords, coords)
-    disk = (xx ** 2 + yy ** 2 <= radius ** 2).astype(np.float64)
+    disk = (xx**2 + yy**2 <= radius**2).astype(np.float64)
     disk /= disk.sum()
-    taps = np.exp(-np.array([-1.0, 0.0, 1.0]) ** 2 / (2.0 * alias_blur ** 2))
+    taps = np.exp(-(np.array([-1.0, 0.0, 1.0]) ** 2) / (2.0 * alias_blur**2))
     taps /= taps.sum()
     smooth = ndimage.correlate1d(disk, taps, axis=0, mode="constant")
     return ndimage.correlate1d(smooth, taps, axis=1, mode="constant")

@@ -18,6 +18,7 @@ does, unless those gradients are uninformative (Athalye et al., 2018).
 Outputs: metrics.json (per source, the mean accuracy of the other models on its
 examples), transfer.json (the matrix, flags, settings) and transfer.csv.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,9 @@ MASKING_MARGIN_PP = 1.0
 CSV_COLUMNS = ("source", "target", "accuracy")
 
 
-def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, rt: Runtime,
-          batch_size: int, seed: int) -> torch.Tensor:
+def craft(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig, rt: Runtime, batch_size: int, seed: int
+) -> torch.Tensor:
     """PGD examples (float N x 3 x H x W in [0, 1], on the CPU) against `model` for uint8
     images x; a fresh generator per call, so they depend only on model, seed and batch size."""
     generator = rt.generator(seed)
@@ -54,8 +56,9 @@ def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConf
     return torch.cat(out)
 
 
-def masking_flags(matrix: dict[str, dict[str, float]], whitebox: dict[str, float],
-                  margin_pp: float = MASKING_MARGIN_PP) -> dict[str, dict[str, Any]]:
+def masking_flags(
+    matrix: dict[str, dict[str, float]], whitebox: dict[str, float], margin_pp: float = MASKING_MARGIN_PP
+) -> dict[str, dict[str, Any]]:
     """Per target: white-box accuracy, the best transfer attack on it (lowest accuracy over
     the other sources), and the flag; None when no other model's examples were scored."""
     flags = {}
@@ -63,17 +66,22 @@ def masking_flags(matrix: dict[str, dict[str, float]], whitebox: dict[str, float
         transfer = {s: row[target] for s, row in matrix.items() if s != target and target in row}
         best = min(transfer, key=transfer.__getitem__) if transfer else None
         gap = wb - transfer[best] if best is not None else None
-        flags[target] = {"whitebox_acc": wb, "best_transfer_source": best,
-                         "best_transfer_acc": transfer[best] if best is not None else None,
-                         "gap_pp": gap, "suspect_gradient_masking": None if gap is None else gap > margin_pp}
+        flags[target] = {
+            "whitebox_acc": wb,
+            "best_transfer_source": best,
+            "best_transfer_acc": transfer[best] if best is not None else None,
+            "gap_pp": gap,
+            "suspect_gradient_masking": None if gap is None else gap > margin_pp,
+        }
     return flags
 
 
 def _models(runs: Path, names: list[str]) -> dict[str, nn.Module]:
     missing = [n for n in names if not (runs / n / "classifier.pt").is_file()]
     if missing:
-        raise DataError(f"{runs}: no classifier.pt for {', '.join(missing)}; train them first or change "
-                        "--models / transfer.sources")
+        raise DataError(
+            f"{runs}: no classifier.pt for {', '.join(missing)}; train them first or change --models / transfer.sources"
+        )
     return {n: load_classifier(runs / n / "classifier.pt") for n in names}
 
 
@@ -111,23 +119,41 @@ def run(cfg: Config, args: Any) -> int:
         for m in everyone:  # white-box examples of every model; a source's are also its transfer examples
             t0 = time.perf_counter()
             adv[m] = craft(models[m], x, y, t.attack, rt, bs, cfg.seed)
-            print(f"amoc transfer: PGD-{t.attack.steps} on {m}: {n} images in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"amoc transfer: PGD-{t.attack.steps} on {m}: {n} images in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
         whitebox = {m: robust(m, m) for m in everyone}
         matrix = {s: {m: (whitebox[m] if m == s else robust(m, s)) for m in everyone} for s in sources}
         flags = masking_flags(matrix, whitebox)
         report = {
-            "attack": {"norm": "Linf", "eps": t.attack.eps, "eps_255": round(t.attack.eps * 255, 4),
-                       "step_size": t.attack.step_size, "step_255": round(t.attack.step_size * 255, 4),
-                       "steps": t.attack.steps, "random_start": t.attack.random_start, "restarts": 1,
-                       "objective": "cross-entropy", "implementation": "amoc.attacks.pgd_linf",
-                       "seed": cfg.seed, "batch_size": bs, "precision": "fp32, TF32 off"},
+            "attack": {
+                "norm": "Linf",
+                "eps": t.attack.eps,
+                "eps_255": round(t.attack.eps * 255, 4),
+                "step_size": t.attack.step_size,
+                "step_255": round(t.attack.step_size * 255, 4),
+                "steps": t.attack.steps,
+                "random_start": t.attack.random_start,
+                "restarts": 1,
+                "objective": "cross-entropy",
+                "implementation": "amoc.attacks.pgd_linf",
+                "seed": cfg.seed,
+                "batch_size": bs,
+                "precision": "fp32, TF32 off",
+            },
             "n_images": n,
             "sources": sources,
             "targets": everyone,
             "matrix": {s: {m: _r(v) for m, v in row.items()} for s, row in matrix.items()},
-            "models": {m: {"clean_acc": _r(clean[m]), "whitebox_acc": _r(whitebox[m]),
-                           **{k: (_r(v) if isinstance(v, float) else v) for k, v in flags[m].items()
-                              if k != "whitebox_acc"}} for m in everyone},
+            "models": {
+                m: {
+                    "clean_acc": _r(clean[m]),
+                    "whitebox_acc": _r(whitebox[m]),
+                    **{k: (_r(v) if isinstance(v, float) else v) for k, v in flags[m].items() if k != "whitebox_acc"},
+                }
+                for m in everyone
+            },
             "margin_pp": MASKING_MARGIN_PP,
             # per source: mean accuracy of the other models on its examples (the headline, metrics.json)
             "sources_summary": {s: _mean([v for m, v in matrix[s].items() if m != s]) for s in sources},
@@ -144,6 +170,8 @@ def run(cfg: Config, args: Any) -> int:
         write_json(out / "transfer.json", report)
         write_json(out / "metrics.json", {"transfer_acc": {s: report["sources_summary"][s] for s in sources}})
     suspects = [m for m, f in flags.items() if f["suspect_gradient_masking"]]
-    print(f"amoc transfer: {len(sources)} source(s) x {len(everyone)} models, {n} images -> {out}"
-          + (f"; suspect gradient masking: {', '.join(suspects)}" if suspects else ""))
+    print(
+        f"amoc transfer: {len(sources)} source(s) x {len(everyone)} models, {n} images -> {out}"
+        + (f"; suspect gradient masking: {', '.join(suspects)}" if suspects else "")
+    )
     return 0

@@ -12,6 +12,7 @@ Data-parallel runs (amoc.distributed): every rank runs the loop; stop signals ar
 at sync points, so all ranks stop after the same step; `Job.state()` runs on every rank
 (it may use collectives) and rank 0 writes the file.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from amoc.checkpoint import CheckpointManager
 from amoc.distributed import Dist
 from amoc.runtime import oom_hint
-from amoc.stopping import StopSignals, Stopped
+from amoc.stopping import Stopped, StopSignals
 
 
 class Job(ABC):
@@ -86,8 +87,15 @@ class Loop:
         job = self.job
         self._open(resume)
         steps = job.steps_in_epoch()
-        bar = tqdm(total=job.epochs * steps, initial=self.epoch * steps + self.step, unit="step", desc=job.desc,
-                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=job.epochs * steps,
+            initial=self.epoch * steps + self.step,
+            unit="step",
+            desc=job.desc,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
         with StopSignals() as signals, bar, oom_hint(job.desc, job.batch_key, job.batch_size):
             while self.epoch < job.epochs:
                 job.begin_epoch(self.epoch, self.step)
@@ -123,15 +131,19 @@ class Loop:
     def _stop(self, signals: StopSignals, path=None, at: tuple[int, int] | None = None) -> None:
         path = self._save() if path is None else path
         epoch, step = at or (self.epoch + 1, self.step)
-        raise Stopped(f"{signals.requested or 'a stop signal'} received: stopped at epoch {epoch}, step {step}; "
-                      f"checkpoint {path}. Continue with the same command plus --resume")
+        raise Stopped(
+            f"{signals.requested or 'a stop signal'} received: stopped at epoch {epoch}, step {step}; "
+            f"checkpoint {path}. Continue with the same command plus --resume"
+        )
 
     def _open(self, resume: bool) -> None:
         blob = self.checkpoints.load_latest() if resume else None
         if blob is None and self.dist.main:
             if resume:
-                print(f"{self.job.desc}: note: no usable checkpoint in {self.checkpoints.folder}; starting fresh",
-                      file=sys.stderr)
+                print(
+                    f"{self.job.desc}: note: no usable checkpoint in {self.checkpoints.folder}; starting fresh",
+                    file=sys.stderr,
+                )
             # a fresh run drops what an earlier run left, so a later --resume or a reader never mixes the two
             self.checkpoints.clear()
             self.job.fresh()
@@ -141,6 +153,9 @@ class Loop:
             self.epoch, self.step = int(blob["epoch"]), int(blob["step"])
             self.seconds = float(blob.get("seconds") or 0.0)  # older checkpoints kept it elsewhere
             if self.dist.main:
-                print(f"{self.job.desc}: resuming at epoch {self.epoch + 1}, step {self.step} from "
-                      f"{self.checkpoints.folder}", file=sys.stderr)
+                print(
+                    f"{self.job.desc}: resuming at epoch {self.epoch + 1}, step {self.step} from "
+                    f"{self.checkpoints.folder}",
+                    file=sys.stderr,
+                )
         self.job.started()

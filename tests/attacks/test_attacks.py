@@ -1,5 +1,6 @@
 """The attack toolkit: PGD's projection and data-parallel start, the CE objective, and the
 one batched correctness count every evaluation path uses."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,14 @@ def test_single_process_start_is_pgds_own_draw(model):
     assert global_start(x, ATTACK, torch.Generator(), Shard()) is None
     ours = ce_pgd(model, x, y, ATTACK, torch.Generator().manual_seed(3))
     objective = lambda z: F.cross_entropy(model(z), y, reduction="sum")  # noqa: E731
-    plain = pgd_linf(x, objective, eps=ATTACK.eps, step_size=ATTACK.step_size, steps=ATTACK.steps,
-                     generator=torch.Generator().manual_seed(3))
+    plain = pgd_linf(
+        x,
+        objective,
+        eps=ATTACK.eps,
+        step_size=ATTACK.step_size,
+        steps=ATTACK.steps,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(ours, plain)
 
 
@@ -87,8 +94,11 @@ def test_correct_is_the_same_for_uint8_float_and_nhwc_numpy(model):
     expected = torch.tensor([False] * 3 + [True] * 7)
     nhwc = np.ascontiguousarray(x8.numpy().transpose(0, 2, 3, 1))
     nhwc.setflags(write=False)  # like a read-only memory map
-    for got in (correct(model, x8, y, rt, 4), correct(model, x8.float() / 255, y, rt, 3),
-                correct(model, nhwc, y.numpy(), rt, 4, layout="NHWC")):
+    for got in (
+        correct(model, x8, y, rt, 4),
+        correct(model, x8.float() / 255, y, rt, 3),
+        correct(model, nhwc, y.numpy(), rt, 4, layout="NHWC"),
+    ):
         assert torch.equal(got, expected)
     assert percent(expected) == pytest.approx(70.0) and percent(torch.zeros(0, dtype=torch.bool)) == 0.0
 

@@ -1,5 +1,6 @@
 """CIFAR python-version archives: the real subset, Python-2 pickles, CIFAR-100, and
 pickles that try to run code."""
+
 from __future__ import annotations
 
 import builtins
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CIFAR10_CLASSES, REPO, SUBSET_MD5, SUBSET_SHA256, sha256_of
 
 from amoc.data import cifar
-from amoc.errors import DataError
 from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
-from conftest import CIFAR10_CLASSES, REPO, SUBSET_MD5, SUBSET_SHA256, sha256_of
+from amoc.errors import DataError
 
 SUBSET = "cifar-10-python-subset.tar.gz"
 # Read from the subset file itself (pickle-level check) before being written down here.
@@ -54,8 +55,15 @@ def test_subset_download(shared_data, run_download, tmp_path, how):
         source = archive.resolve().as_uri()
         digest = f"data.sha256={SUBSET_SHA256}" if how.endswith("sha256") else f"data.md5={SUBSET_MD5}"
     # the project's own params.yaml, with every data key pinned
-    code, out, err = run_download("data.name=cifar10", f"data.source={source}", digest, "data.train_limit=0",
-                                  "data.test_limit=0", "runtime.progress=false", params_file=REPO / "params.yaml")
+    code, out, err = run_download(
+        "data.name=cifar10",
+        f"data.source={source}",
+        digest,
+        "data.train_limit=0",
+        "data.test_limit=0",
+        "runtime.progress=false",
+        params_file=REPO / "params.yaml",
+    )
     assert code == 0, err
     assert "5,085 train / 1,017 test" in out
     prepared = tmp_path / "prepared"
@@ -95,8 +103,12 @@ def test_subset_labels_are_the_official_ones(shared_data):
 
 
 def test_subset_limits(shared_data, run_download):
-    code, out, err = run_download(f"data.source={shared_data / SUBSET}", f"data.sha256={SUBSET_SHA256}",
-                                  "data.train_limit=100", "data.test_limit=10")
+    code, out, err = run_download(
+        f"data.source={shared_data / SUBSET}",
+        f"data.sha256={SUBSET_SHA256}",
+        "data.train_limit=100",
+        "data.test_limit=10",
+    )
     assert code == 0, err
     _, y_train = load(Path("prepared"), "train")
     _, y_test = load(Path("prepared"), "test")
@@ -251,15 +263,26 @@ def test_restricted_unpickler_rejects_any_other_global():
         cifar.safe_loads(pickle.dumps({"data": __import__("collections").OrderedDict()}), "batch")
 
 
-@pytest.mark.parametrize("member, blob, needle", [
-    ("data_batch_2", b"not a pickle at all", "not a valid pickled batch"),
-    ("data_batch_2", pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}), "expected uint8 N x 3072"),
-    ("data_batch_2", pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "labels outside 0..9"),
-    ("data_batch_2", pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "must be 2 integers"),
-    ("data_batch_2", pickle.dumps({"data": np.zeros((2, 3072), object), "labels": [0, 1]}), "expected uint8"),
-    ("batches.meta", pickle.dumps({"names": []}), "no list of class names"),
-    ("test_batch", None, "missing test_batch"),
-])
+@pytest.mark.parametrize(
+    "member, blob, needle",
+    [
+        ("data_batch_2", b"not a pickle at all", "not a valid pickled batch"),
+        (
+            "data_batch_2",
+            pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}),
+            "expected uint8 N x 3072",
+        ),
+        (
+            "data_batch_2",
+            pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}),
+            "labels outside 0..9",
+        ),
+        ("data_batch_2", pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "must be 2 integers"),
+        ("data_batch_2", pickle.dumps({"data": np.zeros((2, 3072), object), "labels": [0, 1]}), "expected uint8"),
+        ("batches.meta", pickle.dumps({"names": []}), "no list of class names"),
+        ("test_batch", None, "missing test_batch"),
+    ],
+)
 def test_broken_batches(make_cifar_tar, run_download, tmp_path, member, blob, needle):
     archive = make_cifar_tar(tmp_path / "bad.tar.gz", members={member: blob})
     code, _, err = run_download(f"data.source={archive}", f"data.sha256={sha256_of(archive)}")

@@ -1,4 +1,5 @@
 """The embedded data set (scikit-learn's handwritten digits), fully offline."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,10 @@ def test_digits_are_the_real_ones_upsampled():
     assert np.array_equal(block, np.kron(expected, np.ones((4, 4), np.uint8)))
     # every 5th image of each class (ranks 4, 9, ...) is in test, in the original order
     first_zero_ranks = np.flatnonzero(real.target == 0)
-    assert np.array_equal(splits.test_x[splits.test_y == 0][0, 0, ::4, ::4],
-                          np.rint(real.images[first_zero_ranks[4]] * 255 / 16).astype(np.uint8))
+    assert np.array_equal(
+        splits.test_x[splits.test_y == 0][0, 0, ::4, ::4],
+        np.rint(real.images[first_zero_ranks[4]] * 255 / 16).astype(np.uint8),
+    )
 
 
 def test_digits_deterministic(run_download, tmp_path):

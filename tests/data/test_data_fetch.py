@@ -1,20 +1,21 @@
 """Sources, checksums and downloads. Downloads use a server on 127.0.0.1 (or a fake
 opener); no test touches the network."""
+
 from __future__ import annotations
 
 import hashlib
-import re
 import http.server
+import re
 import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import sha256_of, tar_folder
 
 from amoc.config import DataConfig
 from amoc.data import fetch
 from amoc.errors import DataError
-from conftest import sha256_of, tar_folder
 
 
 def one_line(code: int, err: str, *needles: str) -> str:
@@ -49,13 +50,16 @@ def test_checksum_overrides_and_mirror():
     assert both.expected == {"md5": "b" * 32, "sha256": "c" * 64} and both.url == "https://mirror.example/c.tar.gz"
 
 
-@pytest.mark.parametrize("source, needle", [
-    ("https://mirror.example/cifar.tar.gz", "is a custom archive without a checksum; set data.sha256"),
-    ("archive.tar.gz", "is a custom archive without a checksum; set data.sha256"),
-    ("missing.tar.gz", "missing.tar.gz does not exist"),
-    ("ftp://host/x.tar.gz", "unsupported scheme ftp://"),
-    ("file://somehost/x.tar.gz", "names host 'somehost'"),
-])
+@pytest.mark.parametrize(
+    "source, needle",
+    [
+        ("https://mirror.example/cifar.tar.gz", "is a custom archive without a checksum; set data.sha256"),
+        ("archive.tar.gz", "is a custom archive without a checksum; set data.sha256"),
+        ("missing.tar.gz", "missing.tar.gz does not exist"),
+        ("ftp://host/x.tar.gz", "unsupported scheme ftp://"),
+        ("file://somehost/x.tar.gz", "names host 'somehost'"),
+    ],
+)
 def test_bad_sources(source, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "archive.tar.gz").write_bytes(b"x")
@@ -98,7 +102,9 @@ def test_missing_local_file(run_download):
 
 
 def test_local_file_is_read_in_place(tmp_path, small_archive, run_download):
-    code, _, err = run_download("data.name=folder", f"data.source={small_archive}", f"data.sha256={sha256_of(small_archive)}")
+    code, _, err = run_download(
+        "data.name=folder", f"data.source={small_archive}", f"data.sha256={sha256_of(small_archive)}"
+    )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["stats.json", "test.npz", "train.npz"]
 
@@ -107,7 +113,7 @@ def test_local_file_is_read_in_place(tmp_path, small_archive, run_download):
 class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict = {}
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         body, mode = self.routes.get(self.path, (None, None))
         if body is None:
             self.send_error(404, "Not Found")
@@ -143,8 +149,12 @@ def server(monkeypatch):
 def test_http_download(server, small_archive, run_download, tmp_path):
     _, base = server
     _Handler.routes["/small.tar.gz"] = (small_archive.read_bytes(), "full")
-    code, out, err = run_download("data.name=folder", f"data.source={base}/small.tar.gz",
-                                  f"data.sha256={sha256_of(small_archive)}", "runtime.progress=true")
+    code, out, err = run_download(
+        "data.name=folder",
+        f"data.source={base}/small.tar.gz",
+        f"data.sha256={sha256_of(small_archive)}",
+        "runtime.progress=true",
+    )
     assert code == 0, err
     assert "6 train / 4 test" in out
     # only the outputs remain: the downloaded archive was a temp file
@@ -162,8 +172,9 @@ def test_http_wrong_checksum(server, small_archive, run_download, tmp_path):
 def test_http_interrupted(server, small_archive, run_download, tmp_path):
     _, base = server
     _Handler.routes["/small.tar.gz"] = (small_archive.read_bytes(), "short")
-    code, _, err = run_download("data.name=folder", f"data.source={base}/small.tar.gz",
-                                f"data.sha256={sha256_of(small_archive)}")
+    code, _, err = run_download(
+        "data.name=folder", f"data.source={base}/small.tar.gz", f"data.sha256={sha256_of(small_archive)}"
+    )
     one_line(code, err, "interrupted")
     assert not (tmp_path / "prepared").exists()
 
@@ -194,8 +205,9 @@ class _FailingResponse:
         return False
 
 
-@pytest.mark.parametrize("error, code_expected", [(ConnectionResetError(104, "Connection reset by peer"), 2),
-                                                  (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize(
+    "error, code_expected", [(ConnectionResetError(104, "Connection reset by peer"), 2), (KeyboardInterrupt(), 130)]
+)
 def test_interrupted_stream_leaves_nothing(monkeypatch, run_download, tmp_path, error, code_expected):
     seen: list[list[str]] = []
     out = tmp_path / "prepared"

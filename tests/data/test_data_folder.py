@@ -1,4 +1,5 @@
 """Image folders <root>/{train,test}/<class>/*.png|jpg, as a folder or a tar.gz."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CIFAR10_CLASSES, JPEG_MD5, SUBSET_SHA256, sha256_of, tar_folder
 from PIL import Image
 
 from amoc.data import cifar
-from conftest import CIFAR10_CLASSES, JPEG_MD5, SUBSET_SHA256, sha256_of, tar_folder
 
 COUNTS = {"cat": (12, 3), "dog": (5, 4), "ant": (7, 2)}  # ant sorts first: index 0
 
@@ -110,7 +111,9 @@ def test_errors(tmp_path, make_image_tree, run_download):
     _one_line(*run_download("data.name=folder", "data.source=tree")[::2], "train/b/7.png", "not a readable PNG/JPEG")
     (tree / "train" / "b" / "7.png").unlink()
     # a folder cannot be checksummed
-    _one_line(*run_download("data.name=folder", "data.source=tree", "data.md5=" + "a" * 32)[::2], "cannot be checksummed")
+    _one_line(
+        *run_download("data.name=folder", "data.source=tree", "data.md5=" + "a" * 32)[::2], "cannot be checksummed"
+    )
     # no test split
     for f in (tree / "test").rglob("*.png"):
         f.unlink()

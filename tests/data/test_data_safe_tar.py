@@ -1,4 +1,5 @@
 """Archives with unsafe members are refused as a whole, and nothing is written anywhere."""
+
 from __future__ import annotations
 
 import io
@@ -6,10 +7,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import sha256_of
 
 from amoc.data import safe_tar
 from amoc.errors import DataError
-from conftest import sha256_of
 
 
 def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
@@ -56,14 +57,28 @@ def build(tmp_path: Path, make_image_tree, bad: tuple, first: bool) -> Path:
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["bad-first", "bad-last"])
-@pytest.mark.parametrize("case", ["traversal", "traversal-top", "traversal-backslash", "absolute", "symlink",
-                                  "hardlink", "char-device", "block-device", "fifo", "oversized"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "traversal",
+        "traversal-top",
+        "traversal-backslash",
+        "absolute",
+        "symlink",
+        "hardlink",
+        "char-device",
+        "block-device",
+        "fifo",
+        "oversized",
+    ],
+)
 def test_unsafe_member_refused(tmp_path, make_image_tree, run_download, case, first):
     member, needle = bad_members(tmp_path)[case]
     archive = build(tmp_path, make_image_tree, member, first)
     before = sorted(p.name for p in tmp_path.parent.iterdir())
-    code, out, err = run_download("data.name=folder", f"data.source={archive}", f"data.sha256={sha256_of(archive)}",
-                                  "data.max_member_mb=1")
+    code, out, err = run_download(
+        "data.name=folder", f"data.source={archive}", f"data.sha256={sha256_of(archive)}", "data.max_member_mb=1"
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("amoc download: error:"), err

@@ -1,4 +1,5 @@
 """The download stage's output folder: all or nothing, locking, leftovers."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ the gathered keys in rank order; a 2-process run with global batch B follows the
 curve of a 1-process run with batch B; only rank 0 writes; a checkpoint resumes under
 another world size. Runs here take seconds: 64 synthetic 16 x 16 images, batch 16.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,19 +19,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import run_pretrain
+from pretrain_utils import write_prepared
 
 from amoc import cli, config
 from amoc.distributed import Dist, Shard
 from amoc.errors import ConfigError
 from amoc.pretrain.stage import Pretraining
 from amoc.schedule import scaled_lr
-from distributed_helpers import run_pretrain
-from pretrain_utils import write_prepared  # noqa: F401
 
 # 64 images / global batch 16 = 4 steps per epoch, 2 epochs; a queue of 3 batches wraps.
-SETS = ["runtime.device=cpu", "runtime.threads=1", "variant=ACA+", "pretrain.batch_size=16", "pretrain.epochs=2",
-        "pretrain.warmup_epochs=0", "pretrain.checkpoint_every=1", "pretrain.knn_k=5", "queue_size=48",
-        "pretrain.queue_size_adv=32"]
+SETS = [
+    "runtime.device=cpu",
+    "runtime.threads=1",
+    "variant=ACA+",
+    "pretrain.batch_size=16",
+    "pretrain.epochs=2",
+    "pretrain.warmup_epochs=0",
+    "pretrain.checkpoint_every=1",
+    "pretrain.knn_k=5",
+    "queue_size=48",
+    "pretrain.queue_size_adv=32",
+]
 STEPS = 8
 TIMING = ("seconds", "images_per_s")
 
@@ -94,8 +104,9 @@ def test_every_rank_holds_the_same_queues_made_of_the_gathered_keys_in_rank_orde
     rank0, rank1 = runs(2, bn)
     # ACA+ writes both queues each step: clean keys first, then the adversarial ones.
     assert len(rank0["gathered_keys"]) == 2 * STEPS
-    for local0, local1, gathered0, gathered1 in zip(rank0["local_keys"], rank1["local_keys"],
-                                                    rank0["gathered_keys"], rank1["gathered_keys"]):
+    for local0, local1, gathered0, gathered1 in zip(
+        rank0["local_keys"], rank1["local_keys"], rank0["gathered_keys"], rank1["gathered_keys"]
+    ):
         assert local0.shape[0] == 8  # each rank computes half of the global batch of 16
         assert torch.equal(gathered0, torch.cat([local0, local1]))
         assert torch.equal(gathered1, gathered0)
@@ -116,8 +127,16 @@ def test_only_rank_0_writes_checkpoints_and_outputs(runs):
     assert rank0["saves"] == [(1, 0), (2, 0)] and rank1["saves"] == []
     out = rank0["out"]
     assert sorted(p.name[:23] for p in (out / "rank0" / "checkpoints").iterdir()) == [
-        "epoch-0001-step-000000-", "epoch-0002-step-000000-"]
-    assert {p.name for p in (out / "rank0").iterdir()} == {"checkpoints", "encoder.pt", "metrics.json", "summary.json", "log.csv"}
+        "epoch-0001-step-000000-",
+        "epoch-0002-step-000000-",
+    ]
+    assert {p.name for p in (out / "rank0").iterdir()} == {
+        "checkpoints",
+        "encoder.pt",
+        "metrics.json",
+        "summary.json",
+        "log.csv",
+    }
     assert not (out / "rank1").exists() or not any((out / "rank1").rglob("*"))
 
 
@@ -189,12 +208,33 @@ def test_torchrun_pretrain_then_resume_the_checkpoint_in_one_process(params, pre
 
 def test_torchrun_finetune_matches_one_process(params, prepared, tmp_path):
     pre = tmp_path / "pretrain"
-    assert cli.main(["pretrain", "--params", str(params), "--data", str(prepared), "--out", str(pre),
-                     *sets(*SETS, "pretrain.epochs=1")]) == 0
-    argv = ["finetune", "--params", str(params), "--init", str(pre / "encoder.pt"), "--data", str(prepared),
-            # No PGD steps: its sign() would turn rounding into different pixels (see the
-            # pretraining curve test); TRADES still draws its start noise for the global batch.
-            *sets("runtime.device=cpu", "finetune.batch_size=16", "finetune.epochs=2", "finetune.attack.steps=0")]
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--params",
+                str(params),
+                "--data",
+                str(prepared),
+                "--out",
+                str(pre),
+                *sets(*SETS, "pretrain.epochs=1"),
+            ]
+        )
+        == 0
+    )
+    argv = [
+        "finetune",
+        "--params",
+        str(params),
+        "--init",
+        str(pre / "encoder.pt"),
+        "--data",
+        str(prepared),
+        # No PGD steps: its sign() would turn rounding into different pixels (see the
+        # pretraining curve test); TRADES still draws its start noise for the global batch.
+        *sets("runtime.device=cpu", "finetune.batch_size=16", "finetune.epochs=2", "finetune.attack.steps=0"),
+    ]
     assert cli.main(argv + ["--out", str(tmp_path / "one")]) == 0
     done = torchrun(*argv, "--out", str(tmp_path / "two"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -208,19 +248,34 @@ def test_torchrun_finetune_matches_one_process(params, prepared, tmp_path):
 
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_then_resumes(params, prepared, tmp_path):
     out = tmp_path / "pretrain"
-    argv = ["pretrain", "--params", str(params), "--data", str(prepared), "--out", str(out),
-            *sets(*SETS, "pretrain.epochs=12")]
+    argv = [
+        "pretrain",
+        "--params",
+        str(params),
+        "--data",
+        str(prepared),
+        "--out",
+        str(out),
+        *sets(*SETS, "pretrain.epochs=12"),
+    ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "amoc", *argv]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob("epoch-0001-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    stops = re.findall(r"amoc pretrain: error: SIGTERM received: stopped at epoch (\d+), step (\d+); checkpoint (\S+)\.",
-                       stderr)
+    stops = re.findall(
+        r"amoc pretrain: error: SIGTERM received: stopped at epoch (\d+), step (\d+); checkpoint (\S+)\.", stderr
+    )
     assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both ranks, the same step and file
     epoch, step, path = stops[0]
     assert int(epoch) < 12 and Path(path).exists() and not (out / "encoder.pt").exists()

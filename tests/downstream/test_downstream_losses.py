@@ -1,18 +1,18 @@
 """Downstream losses, training-time attacks and the standard augmentation."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-
 from amoc.attacks.ce import ce_pgd
 from amoc.attacks.pgd import pgd_linf
 from amoc.config import AttackConfig
 from amoc.downstream.augment import crop_flip
-from amoc.nets.classifier import Classifier
 from amoc.downstream.losses import trades_attack, trades_kl, trades_loss
 from amoc.nets import build_encoder
+from amoc.nets.classifier import Classifier
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,9 @@ def test_attacks_stay_in_the_eps_ball_and_in_0_1(model, eps_255, kind):
         x_adv = trades_attack(model, x, attack, g)
     else:
         w = torch.randn(x.shape, generator=g)
-        x_adv = pgd_linf(x, lambda z: (z * w).sum(), eps=attack.eps, step_size=attack.step_size,
-                         steps=attack.steps, generator=g)
+        x_adv = pgd_linf(
+            x, lambda z: (z * w).sum(), eps=attack.eps, step_size=attack.step_size, steps=attack.steps, generator=g
+        )
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert (x_adv - x).abs().max() <= attack.eps + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -89,8 +90,13 @@ def test_crop_flip_outputs_are_reflect_padded_crops_drawn_per_sample():
     assert not torch.equal(padded, F.pad(x, (4, 4, 4, 4)).float() / 255)
     found = set()
     for i in range(len(x)):
-        matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
-                   if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        matches = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (False, True)
+            if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy : dy + 8, dx : dx + 8]))
+        ]
         assert matches, f"sample {i} is not a crop of its padded image"
         found.add(matches[0])
     assert len(found) > 4  # offsets and flips differ between samples

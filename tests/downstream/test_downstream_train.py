@@ -1,4 +1,5 @@
 """`amoc probe` / `amoc finetune`: what trains, what stays frozen, outputs, exact resume."""
+
 from __future__ import annotations
 
 import csv
@@ -7,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from downstream_helpers import run_stage, make_prepared, params_file, random_encoder  # noqa: F401
+from downstream_helpers import make_prepared, params_file, random_encoder, run_stage
 
 from amoc.downstream import trainer
-from amoc.training import loop
-from amoc.nets.classifier import load_classifier, read_classifier
 from amoc.nets import DualBatchNorm2d
+from amoc.nets.classifier import load_classifier, read_classifier
 from amoc.nets.store import load_encoder, save_encoder
+from amoc.training import loop
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,22 @@ def read_log(path: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("mode,alf_loss", [("slf", "trades"), ("alf", "trades"), ("alf", "pgd_at")])
 def test_probe_trains_only_the_head(setup, mode, alf_loss):
     out = setup["root"] / f"probe-{mode}-{alf_loss}"
-    assert run_stage("probe", setup["params"], "--mode", mode, "--encoder", str(setup["encoder"]), "--data",
-                str(setup["data"]), "--out", str(out), **{"probe.loss": alf_loss}) == 0
+    assert (
+        run_stage(
+            "probe",
+            setup["params"],
+            "--mode",
+            mode,
+            "--encoder",
+            str(setup["encoder"]),
+            "--data",
+            str(setup["data"]),
+            "--out",
+            str(out),
+            **{"probe.loss": alf_loss},
+        )
+        == 0
+    )
     model, prov = read_classifier(out / "classifier.pt")
     before = encoder_state(setup["encoder"])
     after = model.encoder.state_dict()
@@ -70,8 +84,19 @@ def test_probe_trains_only_the_head(setup, mode, alf_loss):
 
 def test_aff_trains_the_encoder_on_the_adv_branch(setup):
     out = setup["root"] / "aff"
-    assert run_stage("finetune", setup["params"], "--init", str(setup["encoder"]), "--data", str(setup["data"]),
-                "--out", str(out)) == 0
+    assert (
+        run_stage(
+            "finetune",
+            setup["params"],
+            "--init",
+            str(setup["encoder"]),
+            "--data",
+            str(setup["data"]),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     before = encoder_state(setup["encoder"])
     after = load_classifier(out / "classifier.pt").encoder.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -84,12 +109,26 @@ def test_aff_trains_the_encoder_on_the_adv_branch(setup):
 
 def test_scratch_builds_the_encoder_from_params_and_data_stats(setup):
     out = setup["root"] / "scratch"
-    assert run_stage("finetune", setup["params"], "--init", "scratch", "--data", str(setup["data"]),
-                "--out", str(out), **{"model.width": 0.125}) == 0
+    assert (
+        run_stage(
+            "finetune",
+            setup["params"],
+            "--init",
+            "scratch",
+            "--data",
+            str(setup["data"]),
+            "--out",
+            str(out),
+            **{"model.width": 0.125},
+        )
+        == 0
+    )
     blob = torch.load(out / "classifier.pt", weights_only=True)
     stats = json.loads((setup["data"] / "stats.json").read_text())
     assert blob["encoder"]["width"] == 0.125
-    assert blob["encoder"]["mean"] == pytest.approx(stats["mean"]) and blob["encoder"]["std"] == pytest.approx(stats["std"])
+    assert blob["encoder"]["mean"] == pytest.approx(stats["mean"]) and blob["encoder"]["std"] == pytest.approx(
+        stats["std"]
+    )
     assert blob["provenance"]["init"] == "scratch" and blob["bn_branch"] == "adv"
 
 
@@ -98,8 +137,20 @@ def _state(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _probe(setup, out: Path, *extra: str) -> int:
-    return run_stage("probe", setup["params"], "--mode", "alf", "--encoder", str(setup["encoder"]), "--data",
-                str(setup["data"]), "--out", str(out), *extra, **{"probe.batch_size": 32})
+    return run_stage(
+        "probe",
+        setup["params"],
+        "--mode",
+        "alf",
+        "--encoder",
+        str(setup["encoder"]),
+        "--data",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        *extra,
+        **{"probe.batch_size": 32},
+    )
 
 
 def test_probe_resumes_exactly_after_a_stop_and_from_an_epoch_checkpoint(setup, monkeypatch):
@@ -109,7 +160,8 @@ def test_probe_resumes_exactly_after_a_stop_and_from_an_epoch_checkpoint(setup, 
 
     # (1) SIGTERM during epoch 2 (step 2 of 4): mid-epoch checkpoint, exit 130, then --resume
     class StopAfter:
-        """Stands in for StopSignals: a signal "arrives" on the 7th check: 4 step checks + 1 epoch-end check in epoch 1, then epoch 2, step 2."""
+        """Stands in for StopSignals: a signal "arrives" on the 7th check: 4 step checks + 1
+        epoch-end check in epoch 1, then epoch 2, step 2."""
 
         def __init__(self) -> None:
             self.checks = 0
@@ -152,8 +204,23 @@ def test_resume_ignores_a_checkpoint_of_another_config(setup, capsys):
     assert _probe(setup, out) == 0
     old = set((out / "checkpoints").iterdir())
     capsys.readouterr()
-    assert run_stage("probe", setup["params"], "--mode", "alf", "--encoder", str(setup["encoder"]), "--data",
-                str(setup["data"]), "--out", str(out), "--resume", **{"probe.batch_size": 32, "probe.lr": 0.05}) == 0
+    assert (
+        run_stage(
+            "probe",
+            setup["params"],
+            "--mode",
+            "alf",
+            "--encoder",
+            str(setup["encoder"]),
+            "--data",
+            str(setup["data"]),
+            "--out",
+            str(out),
+            "--resume",
+            **{"probe.batch_size": 32, "probe.lr": 0.05},
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "no usable checkpoint" in captured.err and "starting fresh" in captured.err
     assert "resuming" not in captured.err
@@ -165,8 +232,20 @@ def test_validation_split_logs_each_epoch_and_keeps_the_best_epoch(setup, monkey
     """val_images held out of training: per-epoch clean and PGD accuracy in log.csv, and
     classifier_best.pt holds the epoch with the best validation PGD accuracy (TRADES)."""
     out = setup["root"] / "finetune-val"
-    assert run_stage("finetune", setup["params"], "--init", str(setup["encoder"]), "--data", str(setup["data"]),
-                     "--out", str(out), **{"finetune.epochs": 3, "finetune.val_images": 32}) == 0
+    assert (
+        run_stage(
+            "finetune",
+            setup["params"],
+            "--init",
+            str(setup["encoder"]),
+            "--data",
+            str(setup["data"]),
+            "--out",
+            str(out),
+            **{"finetune.epochs": 3, "finetune.val_images": 32},
+        )
+        == 0
+    )
     rows = read_log(out / "log.csv")
     val = [float(r["val_pgd_acc"]) for r in rows]
     assert all(r["val_acc"] != "" for r in rows) and all(0 <= v <= float(r["val_acc"]) for v, r in zip(val, rows))
@@ -185,8 +264,21 @@ def test_validation_split_logs_each_epoch_and_keeps_the_best_epoch(setup, monkey
 
 def test_validation_off_writes_the_last_epoch_as_best(setup):
     out = setup["root"] / "probe-noval"
-    assert run_stage("probe", setup["params"], "--mode", "slf", "--encoder", str(setup["encoder"]),
-                     "--data", str(setup["data"]), "--out", str(out)) == 0
+    assert (
+        run_stage(
+            "probe",
+            setup["params"],
+            "--mode",
+            "slf",
+            "--encoder",
+            str(setup["encoder"]),
+            "--data",
+            str(setup["data"]),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert all(r["val_acc"] == "" for r in read_log(out / "log.csv"))
     _, prov = read_classifier(out / "classifier_best.pt")
     assert prov["epoch"] == 2 and prov["selected_by"].startswith("none")
@@ -199,7 +291,19 @@ def test_compile_works_for_the_classifier_stages(setup):
     logs = {}
     for compiled in (False, True):
         out = setup["root"] / f"finetune-compile-{compiled}"
-        assert run_stage("finetune", setup["params"], "--init", str(setup["encoder"]), "--data", str(setup["data"]),
-                         "--out", str(out), **{"runtime.compile": compiled, "finetune.loss": "pgd_at"}) == 0
+        assert (
+            run_stage(
+                "finetune",
+                setup["params"],
+                "--init",
+                str(setup["encoder"]),
+                "--data",
+                str(setup["data"]),
+                "--out",
+                str(out),
+                **{"runtime.compile": compiled, "finetune.loss": "pgd_at"},
+            )
+            == 0
+        )
         logs[compiled] = [float(r["loss"]) for r in read_log(out / "log.csv")]
     assert logs[True] == pytest.approx(logs[False], rel=1e-3)

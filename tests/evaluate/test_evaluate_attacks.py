@@ -1,4 +1,5 @@
 """`amoc evaluate`: our PGD against torchattacks', AutoAttack <= PGD <= clean, eval.json."""
+
 from __future__ import annotations
 
 import csv
@@ -6,13 +7,12 @@ import json
 
 import pytest
 import torch
+from downstream_helpers import params_file, robust_classifier, run_stage
 
-from downstream_helpers import run_stage, params_file, robust_classifier  # noqa: F401
-
-from amoc.config import AttackConfig, RuntimeConfig
-from amoc.data.prepared import load_split
 from amoc.attacks import autoattack
 from amoc.attacks.accuracy import correct
+from amoc.config import AttackConfig, RuntimeConfig
+from amoc.data.prepared import load_split
 from amoc.evaluate import attacks as evaluate
 from amoc.nets.classifier import load_classifier
 from amoc.runtime import setup
@@ -47,8 +47,13 @@ def test_our_pgd20_agrees_with_torchattacks(robust, random_start):
             theirs.append(model(adv).argmax(1) == yb)
     theirs = torch.cat(theirs) & clean
     acc_clean, acc_ours, acc_theirs = (100 * t.float().mean().item() for t in (clean, ours, theirs))
-    print(f"clean {acc_clean:.2f}%, ours {acc_ours:.2f}%, torchattacks {acc_theirs:.2f}%, per-image agreement {100 * (ours == theirs).float().mean():.2f}%")
-    assert 5 < acc_ours < acc_clean - 5, "the model must have non-trivial robust accuracy for this test to mean anything"
+    print(
+        f"clean {acc_clean:.2f}%, ours {acc_ours:.2f}%, torchattacks {acc_theirs:.2f}%, per-image agreement "
+        f"{100 * (ours == theirs).float().mean():.2f}%"
+    )
+    assert 5 < acc_ours < acc_clean - 5, (
+        "the model must have non-trivial robust accuracy for this test to mean anything"
+    )
     assert abs(acc_ours - acc_theirs) <= 1.0, (acc_clean, acc_ours, acc_theirs)
     if not random_start:  # deterministic: the same attack, up to float rounding in the projection
         assert (ours == theirs).float().mean() >= 0.99
@@ -70,9 +75,27 @@ def test_evaluate_stage_writes_settings_counts_and_an_ordered_result(robust, tmp
     monkeypatch.setattr(autoattack, "AUTOATTACK_QUERIES", 300)
     out = tmp_path / "eval"
     params = params_file(tmp_path)
-    assert run_stage("evaluate", params, "--model", str(robust["path"]), "--data", str(robust["data"]), "--out", str(out),
-                **{"evaluate.n_images": 40, "evaluate.autoattack_images": 0, "evaluate.autoattack": True,
-                   "evaluate.batch_size": 32, "evaluate.pgd.steps": 20, "evaluate.curve_eps": [0, 4, 8]}) == 0
+    assert (
+        run_stage(
+            "evaluate",
+            params,
+            "--model",
+            str(robust["path"]),
+            "--data",
+            str(robust["data"]),
+            "--out",
+            str(out),
+            **{
+                "evaluate.n_images": 40,
+                "evaluate.autoattack_images": 0,
+                "evaluate.autoattack": True,
+                "evaluate.batch_size": 32,
+                "evaluate.pgd.steps": 20,
+                "evaluate.curve_eps": [0, 4, 8],
+            },
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "images/s" in printed and "AutoAttack" in printed
     result = json.loads((out / "eval.json").read_text())
@@ -83,14 +106,20 @@ def test_evaluate_stage_writes_settings_counts_and_an_ordered_result(robust, tmp
     assert s["autoattack"]["n_images"] == 40  # autoattack_images 0 = n_images
     assert s["autoattack"]["iterations"] == 10 and s["autoattack"]["square_queries"] == 300
     assert s["autoattack"]["square_rescale_schedule"] is False
-    assert s["pgd"]["steps"] == 20 and s["pgd"]["eps_255"] == pytest.approx(8) and s["pgd"]["step_255"] == pytest.approx(2)
+    assert (
+        s["pgd"]["steps"] == 20 and s["pgd"]["eps_255"] == pytest.approx(8) and s["pgd"]["step_255"] == pytest.approx(2)
+    )
     assert s["pgd"]["random_start"] is True and s["seed"] == 0 and s["model"] == str(robust["path"])
     assert s["autoattack"]["max_perturbation_255"] <= 8 + 1e-3 and s["bn_branch"] == "adv"
     assert result["subset"]["n_images"] == 40 and result["throughput"]["autoattack_images_per_s"] > 0
     # metrics.json: the headline numbers only (what dvc exp show / metrics diff compare)
     assert json.loads((out / "metrics.json").read_text()) == {
-        "clean": result["clean_acc"], "pgd": result["pgd_acc"], "autoattack": result["autoattack_acc"],
-        "n": 40, "n_autoattack": 40}
+        "clean": result["clean_acc"],
+        "pgd": result["pgd_acc"],
+        "autoattack": result["autoattack_acc"],
+        "n": 40,
+        "n_autoattack": 40,
+    }
     with open(out / "curve.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [float(r["eps_255"]) for r in rows] == [0, 4, 8] and all(r["n_images"] == "40" for r in rows)
@@ -111,8 +140,20 @@ def test_the_best_epoch_classifier_is_evaluated_beside_the_last(robust, tmp_path
     shutil.copy(robust["path"], models / "classifier.pt")
     shutil.copy(robust["path"].with_name("classifier_best.pt"), models / "classifier_best.pt")
     sets = {"evaluate.n_images": 64, "evaluate.autoattack": False, "evaluate.batch_size": 64}
-    assert run_stage("evaluate", params, "--model", str(models / "classifier.pt"), "--data", str(robust["data"]),
-                     "--out", str(tmp_path / "same"), **sets) == 0
+    assert (
+        run_stage(
+            "evaluate",
+            params,
+            "--model",
+            str(models / "classifier.pt"),
+            "--data",
+            str(robust["data"]),
+            "--out",
+            str(tmp_path / "same"),
+            **sets,
+        )
+        == 0
+    )
     same = json.loads((tmp_path / "same" / "eval.json").read_text())
     assert same["best"]["same_as_last"] is True
     assert (same["best"]["clean_acc"], same["best"]["pgd_acc"]) == (same["clean_acc"], same["pgd_acc"])
@@ -120,8 +161,20 @@ def test_the_best_epoch_classifier_is_evaluated_beside_the_last(robust, tmp_path
     with torch.no_grad():
         other.head.weight.mul_(-1)  # a much worse classifier
     save_classifier(models / "classifier_best.pt", other, {"epoch": 2, "selected_by": "val_pgd_acc"})
-    assert run_stage("evaluate", params, "--model", str(models / "classifier.pt"), "--data", str(robust["data"]),
-                     "--out", str(tmp_path / "other"), **sets) == 0
+    assert (
+        run_stage(
+            "evaluate",
+            params,
+            "--model",
+            str(models / "classifier.pt"),
+            "--data",
+            str(robust["data"]),
+            "--out",
+            str(tmp_path / "other"),
+            **sets,
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "other" / "eval.json").read_text())
     assert result["best"]["same_as_last"] is False and result["best"]["epoch"] == 2
     assert result["best"]["clean_acc"] < result["clean_acc"] and result["clean_acc"] == same["clean_acc"]
@@ -132,8 +185,20 @@ def test_evaluate_is_deterministic_and_0_means_all_images(robust, tmp_path):
     results = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert run_stage("evaluate", params, "--model", str(robust["path"]), "--data", str(robust["data"]),
-                    "--out", str(out), **{"evaluate.n_images": 0, "evaluate.batch_size": 200}) == 0
+        assert (
+            run_stage(
+                "evaluate",
+                params,
+                "--model",
+                str(robust["path"]),
+                "--data",
+                str(robust["data"]),
+                "--out",
+                str(out),
+                **{"evaluate.n_images": 0, "evaluate.batch_size": 200},
+            )
+            == 0
+        )
         result = json.loads((out / "eval.json").read_text())
         result.pop("throughput")
         results.append((result, (out / "curve.csv").read_text()))
@@ -149,9 +214,25 @@ def test_autoattack_accepts_channels_last_models(robust, tmp_path, monkeypatch):
     results = []
     for layout in ("on", "off"):
         out = tmp_path / layout
-        assert run_stage("evaluate", params_file(tmp_path), "--model", str(robust["path"]), "--data", str(robust["data"]),
-                    "--out", str(out), **{"runtime.channels_last": layout, "evaluate.n_images": 24,
-                                          "evaluate.autoattack": True, "evaluate.curve_eps": [0]}) == 0
+        assert (
+            run_stage(
+                "evaluate",
+                params_file(tmp_path),
+                "--model",
+                str(robust["path"]),
+                "--data",
+                str(robust["data"]),
+                "--out",
+                str(out),
+                **{
+                    "runtime.channels_last": layout,
+                    "evaluate.n_images": 24,
+                    "evaluate.autoattack": True,
+                    "evaluate.curve_eps": [0],
+                },
+            )
+            == 0
+        )
         result = json.loads((out / "eval.json").read_text())
         results.append((result["clean_acc"], result["autoattack_acc"]))
     assert results[0] == results[1]

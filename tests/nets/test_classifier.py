@@ -1,4 +1,5 @@
 """The downstream classifier: zero-initialised head, adversarial BN branch, file format."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,9 @@ import pytest
 import torch
 
 import amoc
-
-from amoc.nets.classifier import CLASSIFIER_FORMAT, Classifier, load_classifier, read_classifier, save_classifier
 from amoc.errors import CheckpointError
 from amoc.nets import DualBatchNorm2d, build_encoder, set_bn_branch
+from amoc.nets.classifier import CLASSIFIER_FORMAT, Classifier, load_classifier, read_classifier, save_classifier
 from amoc.nets.store import save_encoder
 
 

@@ -10,6 +10,7 @@ Documented asymmetry: DVC's `persist: true` checkpoint folders are resume state,
 Snakemake outputs (Snakemake deletes outputs before a job and after a failure, which
 would defeat --resume); they are checked separately.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,17 +35,24 @@ KNOB_STAGES = {
     "variant": {"pretrain"},
     "queue_size": {"pretrain"},
     "leverage": {"pretrain"},
-    "seed": {"pretrain", "probe", "finetune_aff", "finetune_scratch", "evaluate", "corruptions",
-             "evaluate_corruptions", "transfer"},
+    "seed": {
+        "pretrain",
+        "probe",
+        "finetune_aff",
+        "finetune_scratch",
+        "evaluate",
+        "corruptions",
+        "evaluate_corruptions",
+        "transfer",
+    },
 }
 # How a stage runs, not what it computes: never a declared param (dvc.yaml's header).
-HOW_NOT_WHAT = ("runtime.device", "runtime.threads", "runtime.progress", "runtime.compile",
-                "runtime.channels_last")
+HOW_NOT_WHAT = ("runtime.device", "runtime.threads", "runtime.progress", "runtime.compile", "runtime.channels_last")
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str           # dvc.yaml stage (without @item) == Snakemake rule
+    name: str  # dvc.yaml stage (without @item) == Snakemake rule
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     params: tuple[str, ...]  # dotted params.yaml keys
@@ -102,7 +110,7 @@ def parse_dry_run(text: str) -> list[dict]:
         if field:
             job[field.group(1)] = [p.strip() for p in field.group(2).split(",")]
         elif line.startswith("Shell command: "):
-            job["cmd"] = line[len("Shell command: "):]
+            job["cmd"] = line[len("Shell command: ") :]
     return jobs
 
 
@@ -125,11 +133,10 @@ def rule_info(root: Path = REPO) -> dict[str, dict]:
 
     Snakemake's CLI does not print params, so this asks its Python API, in a subprocess
     because the API changes the working directory."""
-    proc = subprocess.run([sys.executable, "-c", _RULE_PARAMS, str(root)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _RULE_PARAMS, str(root)], capture_output=True, text=True, timeout=300)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RULES=")]
     assert proc.returncode == 0 and line, proc.stdout + proc.stderr
-    return json.loads(line[-1][len("RULES="):])
+    return json.loads(line[-1][len("RULES=") :])
 
 
 def snakemake_side(*extra: str, root: Path = REPO) -> dict[str, Stage]:
@@ -140,13 +147,18 @@ def snakemake_side(*extra: str, root: Path = REPO) -> dict[str, Stage]:
         if job["rule"] == "all":
             continue
         assert job["cmd"], f"rule {job['rule']}: no shell command in the dry run"
-        assert len(job["log"]) == 1 and job["cmd"].rstrip().endswith(f"> {job['log'][0]} 2>&1"), \
+        assert len(job["log"]) == 1 and job["cmd"].rstrip().endswith(f"> {job['log'][0]} 2>&1"), (
             f"rule {job['rule']}: the command should send its output to its log: {job['cmd']}"
+        )
         cmd = normalise(job["cmd"])
         assert cmd not in stages, f"two jobs run {cmd!r}"
         # `launcher` (amoc or torchrun) is how a job starts, not a params.yaml key
-        stages[cmd] = Stage(job["rule"], tuple(sorted(job["input"])), tuple(sorted(job["output"])),
-                            tuple(sorted(set(rules[job["rule"]]["params"]) - {"launcher"})))
+        stages[cmd] = Stage(
+            job["rule"],
+            tuple(sorted(job["input"])),
+            tuple(sorted(job["output"])),
+            tuple(sorted(set(rules[job["rule"]]["params"]) - {"launcher"})),
+        )
     return stages
 
 
@@ -174,9 +186,17 @@ def test_same_commands(dvc, smk):
 @pytest.mark.parametrize("what", ["name", "inputs", "outputs", "params"])
 def test_same_stages(dvc, smk, what):
     stages, _ = dvc
-    diff = {cmd: (getattr(stages[cmd], what), getattr(smk[cmd], what))
-            for cmd in stages if cmd in smk and getattr(stages[cmd], what) != getattr(smk[cmd], what)}
-    assert not diff, "dvc.yaml vs Snakefile " + what + ":\n" + "\n".join(f"{c}\n  dvc: {d}\n  smk: {s}" for c, (d, s) in diff.items())
+    diff = {
+        cmd: (getattr(stages[cmd], what), getattr(smk[cmd], what))
+        for cmd in stages
+        if cmd in smk and getattr(stages[cmd], what) != getattr(smk[cmd], what)
+    }
+    assert not diff, (
+        "dvc.yaml vs Snakefile "
+        + what
+        + ":\n"
+        + "\n".join(f"{c}\n  dvc: {d}\n  smk: {s}" for c, (d, s) in diff.items())
+    )
 
 
 def test_dag_shape(dvc):
@@ -186,12 +206,16 @@ def test_dag_shape(dvc):
     severity.csv plot data, which it draws from corruptions.json)."""
     stages, _ = dvc
     produced = {o for st in stages.values() for o in st.outputs}
-    for cmd, st in stages.items():
+    for st in stages.values():
         missing = set(st.inputs) - produced
         assert not missing, f"{st.name}: inputs nobody produces: {missing}"
     (report,) = [st for st in stages.values() if st.name == "report"]
-    wanted = {o for st in stages.values() for o in st.outputs if o.endswith((".json", ".csv"))
-              and not o.endswith(("/metrics.json", "/severity.csv"))}
+    wanted = {
+        o
+        for st in stages.values()
+        for o in st.outputs
+        if o.endswith((".json", ".csv")) and not o.endswith(("/metrics.json", "/severity.csv"))
+    }
     assert set(report.inputs) == wanted
 
 
@@ -231,8 +255,7 @@ def test_a_changed_knob_reaches_both_engines(tmp_path, dvc):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     changed, _ = dvc_side(tmp_path)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    overridden = snakemake_side("--config", "queue_size=4096", "variant=AAA", "leverage=0.25", "seed=7",
-                                root=tmp_path)
+    overridden = snakemake_side("--config", "queue_size=4096", "variant=AAA", "leverage=0.25", "seed=7", root=tmp_path)
     assert set(changed) == set(overridden)
     (pretrain,) = [c for c, st in changed.items() if st.name == "pretrain"]
     assert "--set variant=AAA --set queue_size=4096 --set leverage=0.25 --set seed=7" in pretrain
@@ -259,6 +282,7 @@ def _module_tree(module: str):
 
 def _is_module(name: str) -> bool:
     import importlib.util
+
     try:
         return importlib.util.find_spec(name) is not None
     except (ModuleNotFoundError, ValueError):
@@ -292,7 +316,11 @@ def config_reads(target: str) -> set[str]:
 
     def is_cfg(node) -> bool:
         return (isinstance(node, ast.Name) and node.id == "cfg") or (
-            isinstance(node, ast.Attribute) and node.attr == "cfg" and isinstance(node.value, ast.Name) and node.value.id == "self")
+            isinstance(node, ast.Attribute)
+            and node.attr == "cfg"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        )
 
     # Config properties read other fields (queue_size_adv = pretrain.queue_size_adv or queue_size).
     config_tree = _module_tree("amoc.config")
@@ -328,8 +356,12 @@ def config_reads(target: str) -> set[str]:
                     todo.append((module, sub.id))
                 elif sub.id in imports and imports[sub.id][1] is not None:
                     todo.append(imports[sub.id])
-            elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) \
-                    and sub.value.id in imports and imports[sub.value.id][1] is None:
+            elif (
+                isinstance(sub, ast.Attribute)
+                and isinstance(sub.value, ast.Name)
+                and sub.value.id in imports
+                and imports[sub.value.id][1] is None
+            ):
                 todo.append((imports[sub.value.id][0], sub.attr))  # module.function
     for prop in [r for r in reads if r in prop_reads]:
         reads = (reads - {prop}) | prop_reads[prop]
@@ -355,7 +387,9 @@ def test_declared_params_match_what_the_code_reads(dvc):
         reads -= ONLY_OTHER_BRANCH.get(st.name, set())
         declared = set(st.params)
         undeclared = sorted(r for r in reads if not _covers(declared, r))
-        unread = sorted(d for d in declared if not any(r == d or r.startswith(d + ".") or d.startswith(r + ".") for r in reads))
+        unread = sorted(
+            d for d in declared if not any(r == d or r.startswith(d + ".") or d.startswith(r + ".") for r in reads)
+        )
         assert not undeclared, f"{st.name} ({target}) reads {undeclared} but does not declare them"
         assert not unread, f"{st.name} ({target}) declares {unread} but never reads them"
 
@@ -403,8 +437,9 @@ def test_conda_env_lists_every_runtime_dependency():
     assert py.startswith("python=3.1")
     # amoc itself, editable, from the repo root as seen from the env file's folder.
     (editable,) = [p for p in pip if p.startswith("-e ")]
-    assert (env_dir := REPO / "workflow" / "envs").joinpath(editable[3:].strip(), "pyproject.toml").resolve() \
-        == (REPO / "pyproject.toml").resolve(), env_dir
+    assert (env_dir := REPO / "workflow" / "envs").joinpath(editable[3:].strip(), "pyproject.toml").resolve() == (
+        REPO / "pyproject.toml"
+    ).resolve(), env_dir
 
 
 def test_profiles_parse_and_the_default_profile_dry_runs():
@@ -431,11 +466,15 @@ def test_gpus_config_launches_the_training_jobs_through_torchrun_on_one_node():
     out = snakemake("--workflow-profile", "workflow/profiles/slurm", "-n", "-p", "--forceall", "--config", "gpus=4")
     assert out.stdout.count("gpu=4") == 5 and "nodes=1" in out.stdout  # pretrain, slf, alf, aff, scratch
     jobs = parse_dry_run(out.stdout)
-    launched = {job["rule"] for job in jobs
-                if job["cmd"] and job["cmd"].startswith("torchrun --standalone --nproc_per_node 4 -m amoc ")}
+    launched = {
+        job["rule"]
+        for job in jobs
+        if job["cmd"] and job["cmd"].startswith("torchrun --standalone --nproc_per_node 4 -m amoc ")
+    }
     assert launched == set(TRAINING)
     # the same commands otherwise: the stages stay equal to dvc.yaml's, up to the launcher
     plain = {normalise(job["cmd"]) for job in jobs if job["cmd"]}
     torchrun = "torchrun --standalone --nproc_per_node 4 -m amoc "
-    assert {cmd.replace(torchrun, "amoc ") for cmd in plain} == {normalise(job["cmd"]) for job in parse_dry_run(
-        snakemake("-n", "-p", "--forceall").stdout) if job["cmd"]}
+    assert {cmd.replace(torchrun, "amoc ") for cmd in plain} == {
+        normalise(job["cmd"]) for job in parse_dry_run(snakemake("-n", "-p", "--forceall").stdout) if job["cmd"]
+    }

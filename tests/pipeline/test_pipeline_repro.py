@@ -10,6 +10,7 @@ is the `dvc exp run -S queue_size=...` experiment (last, as it changes the works
 Wall-clock fields (seconds, images/s, throughput) are left out of every comparison: they
 are the only parts of the metrics files that differ between identical runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-HEADLINE = {"clean", "pgd", "autoattack", "knn_acc", "knn_random_acc", "mean_acc", "relative_drop", "transfer_acc.scratch"}
+HEADLINE = {
+    "clean",
+    "pgd",
+    "autoattack",
+    "knn_acc",
+    "knn_random_acc",
+    "mean_acc",
+    "relative_drop",
+    "transfer_acc.scratch",
+}
 MODELS = ("slf", "alf", "aff", "scratch")
 TIMING = re.compile(r"seconds|per_s|throughput")
 EVALUATE = {f"evaluate@{m}" for m in ("slf", "alf", "aff", "scratch")}
 # What a new pre-training re-runs: the pre-trained models, their evaluations, and the
 # transfer matrix (it reads every classifier); the scratch baseline does not depend on it.
-AFTER_PRETRAIN = ({"pretrain", "probe@slf", "probe@alf", "finetune_aff", "transfer", "report"}
-                  | {f"{e}@{m}" for e in ("evaluate", "evaluate_corruptions") for m in ("slf", "alf", "aff")})
+AFTER_PRETRAIN = {"pretrain", "probe@slf", "probe@alf", "finetune_aff", "transfer", "report"} | {
+    f"{e}@{m}" for e in ("evaluate", "evaluate_corruptions") for m in ("slf", "alf", "aff")
+}
 QUEUE_SIZE = 128  # tiny has 256; a queue must hold at least one batch (pretrain.batch_size 64)
 
 
@@ -53,8 +64,10 @@ def _env() -> dict[str, str]:
 def run(*cmd: str, cwd: Path, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"`{' '.join(cmd)}` in {cwd} exited {proc.returncode}:\n"
-                    f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"`{' '.join(cmd)}` in {cwd} exited {proc.returncode}:\n"
+            f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -94,17 +107,25 @@ def make_workspace(path: Path, *, dvc: bool) -> Path:
 def metrics(ws: Path) -> dict[str, dict]:
     """{file: flattened numbers} of every metrics file and the JSON beside it (settings,
     provenance), without wall-clock fields."""
+
     def flat(node, prefix=""):
         if isinstance(node, dict):
             for key, value in node.items():
                 yield from flat(value, f"{prefix}{key}.")
         else:
             yield prefix[:-1], node
-    files = sorted(ws.glob("runs/**/metrics.json")) + sorted(ws.glob("runs/*/summary.json")) + \
-        sorted(ws.glob("runs/*/eval/eval.json")) + sorted(ws.glob("runs/*/corruptions/corruptions.json")) + \
-        sorted(ws.glob("runs/transfer/transfer.json"))
-    return {str(f.relative_to(ws)): {k: v for k, v in flat(json.loads(f.read_text())) if not TIMING.search(k)}
-            for f in files}
+
+    files = (
+        sorted(ws.glob("runs/**/metrics.json"))
+        + sorted(ws.glob("runs/*/summary.json"))
+        + sorted(ws.glob("runs/*/eval/eval.json"))
+        + sorted(ws.glob("runs/*/corruptions/corruptions.json"))
+        + sorted(ws.glob("runs/transfer/transfer.json"))
+    )
+    return {
+        str(f.relative_to(ws)): {k: v for k, v in flat(json.loads(f.read_text())) if not TIMING.search(k)}
+        for f in files
+    }
 
 
 def dry_run_jobs(ws: Path, *extra: str) -> list[str]:
@@ -137,13 +158,20 @@ def workspaces(tmp_path_factory, request) -> dict[str, Path]:
     ws = {"dvc": make_workspace(base / "dvc", dvc=True), "smk": make_workspace(base / "smk", dvc=False)}
     commands = {"dvc": ["dvc", "repro"], "smk": [str(BIN / "snakemake"), "--cores", "1"]}
     start = time.perf_counter()
-    procs = {k: subprocess.Popen(commands[k], cwd=ws[k], env=_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for k in ws}
+    procs = {
+        k: subprocess.Popen(
+            commands[k], cwd=ws[k], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for k in ws
+    }
     outputs = {}
     for k, proc in procs.items():
         outputs[k] = proc.communicate(timeout=1500)[0]
-        say(request, f"\n[pipeline timing] {'dvc repro' if k == 'dvc' else 'snakemake --cores 1'} (tiny preset, full DAG, "
-                     f"the two engines side by side): {time.perf_counter() - start:.0f} s")
+        say(
+            request,
+            f"\n[pipeline timing] {'dvc repro' if k == 'dvc' else 'snakemake --cores 1'} (tiny preset, full DAG, "
+            f"the two engines side by side): {time.perf_counter() - start:.0f} s",
+        )
         if proc.returncode != 0:
             pytest.fail(f"{' '.join(commands[k])} exited {proc.returncode}:\n{outputs[k][-8000:]}")
     assert outputs["dvc"].count("Running stage") == 17, outputs["dvc"]
@@ -178,11 +206,13 @@ def test_dvc_metrics_hold_the_headline_numbers(dvc_ws):
             for key, value in node.items():
                 keys.add(key)
                 walk(value)
+
     walk(shown)
     assert HEADLINE <= keys, f"missing from dvc metrics show: {HEADLINE - keys}"
     files = {key for key in keys if key.endswith(".json")}
-    assert files == {"runs/pretrain/metrics.json", "runs/transfer/metrics.json"} | \
-        {f"runs/{m}/{kind}/metrics.json" for m in MODELS for kind in ("eval", "corruptions")}, files
+    assert files == {"runs/pretrain/metrics.json", "runs/transfer/metrics.json"} | {
+        f"runs/{m}/{kind}/metrics.json" for m in MODELS for kind in ("eval", "corruptions")
+    }, files
 
 
 def test_an_evaluate_param_stales_only_the_evaluate_stages(dvc_ws):
@@ -222,8 +252,10 @@ def test_snakemake_reruns_only_what_a_param_change_touches(smk_ws):
 def test_same_seed_same_metrics_in_both_engines(dvc_ws, smk_ws):
     """Two clean runs (one per engine) of the same config: identical metrics, on the CPU.
     (Digests of input files are compared, byte for byte, by the next test.)"""
+
     def numbers(ws):
         return {f: {k: v for k, v in m.items() if not k.endswith("sha256")} for f, m in metrics(ws).items()}
+
     dvc_metrics, smk_metrics = numbers(dvc_ws), numbers(smk_ws)
     assert dvc_metrics.keys() == smk_metrics.keys()
     for name in dvc_metrics:
@@ -288,6 +320,7 @@ def _experiments(shown: list) -> list[dict]:
                 found.append({"name": node.get("name") or data.get("rev"), "params": params, "metrics": flat})
             for value in node.values():
                 walk(value)
+
     walk(shown)
     return found
 
@@ -331,6 +364,7 @@ def exp_metric_columns(shown) -> int:
         elif isinstance(node, list):
             for value in node:
                 walk(value)
+
     walk(shown)
     return len(columns)
 
@@ -339,8 +373,11 @@ def test_exp_run_with_another_queue_size(dvc_ws, request):
     baseline = metrics(dvc_ws)
     start = time.perf_counter()
     out = run("dvc", "exp", "run", "-S", f"queue_size={QUEUE_SIZE}", cwd=dvc_ws)
-    say(request, f"\n[pipeline timing] dvc exp run -S queue_size={QUEUE_SIZE} (partial DAG): "
-                 f"{time.perf_counter() - start:.0f} s")
+    say(
+        request,
+        f"\n[pipeline timing] dvc exp run -S queue_size={QUEUE_SIZE} (partial DAG): "
+        f"{time.perf_counter() - start:.0f} s",
+    )
     try:
         ran = set(re.findall(r"Running stage '([^']+)'", out.stdout))
         assert ran == AFTER_PRETRAIN, out.stdout

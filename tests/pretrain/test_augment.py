@@ -1,4 +1,5 @@
 """Batched SimCLR augmentation (amoc.pretrain.augment) against torchvision's semantics."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,8 @@ from amoc.pretrain.augment import SimCLRAugment, adjust_hue
 
 DEFAULT = AugmentConfig()
 NONE = dataclasses.replace(  # identity: every probability 0, full-image crops
-    DEFAULT, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    DEFAULT, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -55,8 +57,10 @@ def pil_blur_reference(img: torch.Tensor, sigma: float) -> torch.Tensor:
     for dim in (2, 1):
         n = y.shape[dim]
         for _ in range(3):
-            def tap(d: int) -> torch.Tensor:
+
+            def tap(d: int, y=y, dim=dim, n=n) -> torch.Tensor:
                 return y.index_select(dim, torch.arange(n).add(d).clamp(0, n - 1))
+
             acc = sum(tap(d) for d in range(-l, l + 1)) + a * (tap(-l - 1) + tap(l + 1))
             y = acc / (2 * (l + a) + 1)
     return y.float()
@@ -73,8 +77,9 @@ def pil_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
 def torchvision_reference(img: torch.Tensor, p: dict, i: int, size: int, kernel: int) -> torch.Tensor:
     """One sample through torchvision.transforms.v2.functional with our parameters; the
     blur is torchvision's k-tap one, or for ``kernel`` 0 ``pil_blur_reference``."""
-    out = F.resized_crop(img, int(p["top"][i]), int(p["left"][i]), int(p["height"][i]), int(p["width"][i]),
-                         [size, size], antialias=True)
+    out = F.resized_crop(
+        img, int(p["top"][i]), int(p["left"][i]), int(p["height"][i]), int(p["width"][i]), [size, size], antialias=True
+    )
     if p["flip"][i]:
         out = F.horizontal_flip(out)
     if p["jitter"][i]:
@@ -166,8 +171,12 @@ def params():
 
 
 def test_probabilities(params):
-    for key, p in (("flip", DEFAULT.flip_p), ("jitter", DEFAULT.jitter_p), ("gray", DEFAULT.gray_p),
-                   ("blur", DEFAULT.blur_p)):
+    for key, p in (
+        ("flip", DEFAULT.flip_p),
+        ("jitter", DEFAULT.jitter_p),
+        ("gray", DEFAULT.gray_p),
+        ("blur", DEFAULT.blur_p),
+    ):
         rate = params[key].float().mean().item()
         assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / N), (key, rate, p)
 
@@ -180,15 +189,20 @@ def test_independent_draws(params):
 
 def test_jitter_factor_ranges(params):
     b, c, s, h = DEFAULT.jitter
-    for key, lo, hi in (("brightness", 1 - b, 1 + b), ("contrast", 1 - c, 1 + c),
-                        ("saturation", 1 - s, 1 + s), ("hue", -h, h)):
+    for key, lo, hi in (
+        ("brightness", 1 - b, 1 + b),
+        ("contrast", 1 - c, 1 + c),
+        ("saturation", 1 - s, 1 + s),
+        ("hue", -h, h),
+    ):
         v = params[key]
         assert v.min() >= lo and v.max() <= hi
         assert ks(v, lo + (hi - lo) * torch.rand(N, generator=gen(9))) < 0.03, key
     order = params["order"]
     assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(N, 4))
-    counts = torch.tensor([(order == torch.tensor(perm)).all(1).sum().item()
-                           for perm in itertools.permutations(range(4))])
+    counts = torch.tensor(
+        [(order == torch.tensor(perm)).all(1).sum().item() for perm in itertools.permutations(range(4))]
+    )
     assert counts.sum() == N and (counts - N / 24).abs().max() < 150  # all 24 orders, uniformly
 
 
@@ -211,8 +225,10 @@ def test_crop_box_distribution_matches_torchvision(params):
     # torchvision's own sampler (10 tries, rejection, fallback), 5000 draws.
     torch.manual_seed(0)
     img = torch.zeros(3, 32, 32)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(img, DEFAULT.crop_scale, DEFAULT.crop_ratio)
-                        for _ in range(5000)], dtype=torch.float64)
+    ref = torch.tensor(
+        [T.RandomResizedCrop.get_params(img, DEFAULT.crop_scale, DEFAULT.crop_ratio) for _ in range(5000)],
+        dtype=torch.float64,
+    )
     ref_area = ref[:, 2] * ref[:, 3] / 1024
     ref_log_ratio = torch.log(ref[:, 3] / ref[:, 2])
     assert ks(area, ref_area) < 0.035
@@ -265,15 +281,26 @@ def test_flip_mirrors():
     assert torch.equal(SimCLRAugment(only(flip_p=1.0))(xf, gen(0)), torch.flip(xf, dims=[-1]))
 
 
-@pytest.mark.parametrize("op,jitter", [("brightness", [0.4, 0, 0, 0]), ("contrast", [0, 0.4, 0, 0]),
-                                       ("saturation", [0, 0, 0.4, 0]), ("hue", [0, 0, 0, 0.5])])
+@pytest.mark.parametrize(
+    "op,jitter",
+    [
+        ("brightness", [0.4, 0, 0, 0]),
+        ("contrast", [0, 0.4, 0, 0]),
+        ("saturation", [0, 0, 0.4, 0]),
+        ("hue", [0, 0, 0, 0.5]),
+    ],
+)
 def test_each_colour_op_matches_torchvision(op, jitter):
     x = smooth_images(64)
     aug = SimCLRAugment(only(jitter=jitter, jitter_p=1.0))
     p = aug.sample_params(64, gen(2))
     out = aug.apply_params(x, p)
-    fn = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-          "saturation": F.adjust_saturation, "hue": F.adjust_hue}[op]
+    fn = {
+        "brightness": F.adjust_brightness,
+        "contrast": F.adjust_contrast,
+        "saturation": F.adjust_saturation,
+        "hue": F.adjust_hue,
+    }[op]
     ref = torch.stack([fn(x[i], float(p[op][i])) for i in range(64)])
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
     assert (out - x).abs().max() > 0.05  # it did something
@@ -345,15 +372,18 @@ def test_default_blur_is_pils():
     assert DEFAULT.blur_kernel == 0  # the authors' PIL GaussianBlur(radius=sigma), full support
 
 
-@pytest.mark.parametrize("shape,max_sigma", [((32, 32), 2.0), ((5, 7), 2.0), ((9, 4), 5.0), ((2, 2), 3.0),
-                                             ((1, 6), 2.0), ((24, 40), 12.0)])
+@pytest.mark.parametrize(
+    "shape,max_sigma", [((32, 32), 2.0), ((5, 7), 2.0), ((9, 4), 5.0), ((2, 2), 3.0), ((1, 6), 2.0), ((24, 40), 12.0)]
+)
 def test_pil_blur_matches_pils_algorithm(shape, max_sigma):
     """Against the plain per-pass reference, at every sigma of the configured range,
     on images smaller than the kernel too (the edge rule then covers most taps)."""
     from amoc.pretrain.augment import pil_gaussian_blur
 
     x = torch.rand(12, 3, *shape, generator=gen(0))
-    sigma = torch.cat([torch.tensor([0.1, 0.5, 1.0, max_sigma]), 0.1 + (max_sigma - 0.1) * torch.rand(8, generator=gen(1))])
+    sigma = torch.cat(
+        [torch.tensor([0.1, 0.5, 1.0, max_sigma]), 0.1 + (max_sigma - 0.1) * torch.rand(8, generator=gen(1))]
+    )
     apply = torch.tensor([True] * 4 + [True, False] * 4)
     out = pil_gaussian_blur(x, sigma, max_sigma, apply)
     for i in range(12):
@@ -509,7 +539,8 @@ def test_workspace_reuse_is_safe():
     for clone in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
         assert torch.equal(clone(x, gen(3)), v2)
         assert not clone._ws.bufs or all(
-            b.data_ptr() != a.data_ptr() for b in clone._ws.bufs.values() for a in aug._ws.bufs.values())
+            b.data_ptr() != a.data_ptr() for b in clone._ws.bufs.values() for a in aug._ws.bufs.values()
+        )
 
 
 def test_module_moves_like_any_module():

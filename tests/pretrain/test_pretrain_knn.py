@@ -1,4 +1,5 @@
 """k-NN monitor: weighted vote closed forms and the BN branch it reads."""
+
 from __future__ import annotations
 
 import pytest

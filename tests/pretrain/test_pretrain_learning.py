@@ -1,4 +1,5 @@
 """A real, short pre-training on the real CIFAR-10 subset learns something."""
+
 from __future__ import annotations
 
 import csv
@@ -27,16 +28,45 @@ def test_pretraining_beats_a_random_encoder(shared_data, repo_root, tmp_path, ca
     this machine: 0.353 against 0.272 (about 50 s of training). Short runs get a
     short-run recipe: a small queue, key momentum 0.99, lr 0.05, milder crops, no blur."""
     prepared = tmp_path / "prepared"
-    assert cli.main(["download", "--params", str(repo_root / "params.yaml"),
-                     "--set", f"data.source={shared_data / 'cifar-10-python-subset.tar.gz'}",
-                     "--set", f"data.sha256={SUBSET_SHA256}", "--set", "runtime.progress=false",
-                     "--out", str(prepared)]) == 0
+    assert (
+        cli.main(
+            [
+                "download",
+                "--params",
+                str(repo_root / "params.yaml"),
+                "--set",
+                f"data.source={shared_data / 'cifar-10-python-subset.tar.gz'}",
+                "--set",
+                f"data.sha256={SUBSET_SHA256}",
+                "--set",
+                "runtime.progress=false",
+                "--out",
+                str(prepared),
+            ]
+        )
+        == 0
+    )
     params = tmp_path / "tiny.yaml"
     assert cli.main(["params", "--preset", "tiny", "--out", str(params)]) == 0
-    sets = ["variant=CCC", "seed=1", "queue_size=512", f"model.width={WIDTH}", "model.hidden_dim=128",
-            "model.feature_dim=64", "model.key_momentum=0.99", "pretrain.batch_size=64", "pretrain.epochs=8",
-            "pretrain.warmup_epochs=1", "pretrain.lr=0.05", f"pretrain.knn_k={K}", "pretrain.augment.crop_scale=[0.5, 1.0]",
-            "pretrain.augment.blur_p=0", "runtime.device=cpu", "runtime.threads=1", "runtime.progress=false"]
+    sets = [
+        "variant=CCC",
+        "seed=1",
+        "queue_size=512",
+        f"model.width={WIDTH}",
+        "model.hidden_dim=128",
+        "model.feature_dim=64",
+        "model.key_momentum=0.99",
+        "pretrain.batch_size=64",
+        "pretrain.epochs=8",
+        "pretrain.warmup_epochs=1",
+        "pretrain.lr=0.05",
+        f"pretrain.knn_k={K}",
+        "pretrain.augment.crop_scale=[0.5, 1.0]",
+        "pretrain.augment.blur_p=0",
+        "runtime.device=cpu",
+        "runtime.threads=1",
+        "runtime.progress=false",
+    ]
     out = tmp_path / "pretrain"
     argv = ["pretrain", "--params", str(params), "--data", str(prepared), "--out", str(out)]
     assert cli.main(argv + [arg for s in sets for arg in ("--set", s)]) == 0

@@ -1,14 +1,15 @@
 """info_nce against closed forms, and the variant table."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from pretrain_utils import ALL_VARIANTS
 
 from amoc.pretrain.losses import info_nce
 from amoc.pretrain.variants import Variant
-from pretrain_utils import ALL_VARIANTS  # noqa: F401
 
 
 def scaled(x: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:

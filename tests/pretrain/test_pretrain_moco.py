@@ -1,13 +1,14 @@
 """The model: queues (FIFO, wrap-around), EMA closed forms, the key net's isolation."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from pretrain_utils import tiny_config, tiny_model, views
 
 from amoc.nets import DualBatchNorm2d
-from pretrain_utils import tiny_config, tiny_model, views  # noqa: F401
 
 
 def simulate_ring(size: int, batches: list[torch.Tensor], initial: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -31,7 +32,7 @@ def test_queue_fifo_wraps_around(size, batch, name):
     batches = [torch.full((batch, dim), float(i + 1)) + torch.arange(batch)[:, None] / 100 for i in range(7)]
     for i, keys in enumerate(batches):
         model.enqueue(name, keys)
-        expected, ptr = simulate_ring(size, batches[:i + 1], initial)
+        expected, ptr = simulate_ring(size, batches[: i + 1], initial)
         assert torch.equal(model.negatives(name), expected), f"after batch {i + 1}"
         assert int(getattr(model, f"ptr_{name}")) == ptr == (batch * (i + 1)) % size
     other = "adv" if name == "clean" else "clean"
@@ -132,5 +133,8 @@ def test_key_net_is_a_separate_copy():
     model = tiny_model()
     q_ids = {id(p) for p in model.query.parameters()}
     assert not q_ids & {id(p) for p in model.key.parameters()}
-    assert sum(isinstance(m, DualBatchNorm2d) for m in model.key.modules()) == \
-        sum(isinstance(m, DualBatchNorm2d) for m in model.query.modules()) > 0
+    assert (
+        sum(isinstance(m, DualBatchNorm2d) for m in model.key.modules())
+        == sum(isinstance(m, DualBatchNorm2d) for m in model.query.modules())
+        > 0
+    )

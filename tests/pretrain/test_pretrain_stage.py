@@ -1,4 +1,5 @@
 """`amoc pretrain` end to end: outputs, exact resume, stops, numerical errors."""
+
 from __future__ import annotations
 
 import csv
@@ -10,18 +11,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from pretrain_utils import write_prepared
 
 from amoc import cli
 from amoc.io import torch_load
 from amoc.nets.store import load_encoder
 from amoc.pretrain import stage
 from amoc.pretrain.step import TrainStep
-from pretrain_utils import write_prepared  # noqa: F401
 
 TIMING = ("seconds", "images_per_s")
 # 40 images / batch 8 = 5 steps per epoch, 3 epochs, ACA+ with a 2-step attack.
-SETS = ["runtime.device=cpu", "runtime.threads=1", "pretrain.batch_size=8", "pretrain.epochs=3",
-        "pretrain.checkpoint_every=1", "pretrain.knn_k=5", "queue_size=20", "pretrain.queue_size_adv=12"]
+SETS = [
+    "runtime.device=cpu",
+    "runtime.threads=1",
+    "pretrain.batch_size=8",
+    "pretrain.epochs=3",
+    "pretrain.checkpoint_every=1",
+    "pretrain.knn_k=5",
+    "queue_size=20",
+    "pretrain.queue_size_adv=12",
+]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +86,16 @@ def test_outputs(reference):
     assert 0.0 <= headline["knn_random_acc"] <= 1.0 and metrics["log_k_plus_1"] == pytest.approx(math.log(21))
     encoder = load_encoder(reference / "encoder.pt")
     blob = torch_load(reference / "encoder.pt")
-    assert blob["extra"] == {"bn_branch": "adv", "variant": "ACA+", "queue_size": 20, "queue_size_adv": 12,
-                             "epochs": 3, "seed": 1, "leverage": 0.5, "knn_acc": metrics["knn_acc"]}
+    assert blob["extra"] == {
+        "bn_branch": "adv",
+        "variant": "ACA+",
+        "queue_size": 20,
+        "queue_size_adv": 12,
+        "epochs": 3,
+        "seed": 1,
+        "leverage": 0.5,
+        "knn_acc": metrics["knn_acc"],
+    }
     assert encoder.width == 0.0625
     # the encoder file is the query encoder of the final checkpoint
     model = final_state(reference)["model"]
@@ -106,8 +123,11 @@ def _interrupt_at(monkeypatch, call: int, how: str) -> None:
     monkeypatch.setattr(TrainStep, "__call__", step)
 
 
-@pytest.mark.parametrize("how,call", [("signal", 5), ("signal", 7), ("crash", 8)],
-                         ids=["stop-end-of-epoch-1", "stop-mid-epoch-2", "crash-in-epoch-2"])
+@pytest.mark.parametrize(
+    "how,call",
+    [("signal", 5), ("signal", 7), ("crash", 8)],
+    ids=["stop-end-of-epoch-1", "stop-mid-epoch-2", "crash-in-epoch-2"],
+)
 def test_exact_resume(params, prepared, reference, tmp_path, monkeypatch, capsys, how, call):
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
@@ -135,7 +155,9 @@ def test_exact_resume(params, prepared, reference, tmp_path, monkeypatch, capsys
     assert without_timing(read_log(out)) == without_timing(read_log(reference))
     ref_metrics = json.loads((reference / "summary.json").read_text())
     metrics = json.loads((out / "summary.json").read_text())
-    assert {k: v for k, v in metrics.items() if k not in TIMING} == {k: v for k, v in ref_metrics.items() if k not in TIMING}
+    assert {k: v for k, v in metrics.items() if k not in TIMING} == {
+        k: v for k, v in ref_metrics.items() if k not in TIMING
+    }
 
 
 def test_resume_without_checkpoint_starts_fresh(params, prepared, tmp_path, capsys):
@@ -201,8 +223,18 @@ def test_epoch_order():
 def test_bf16_autocast_and_channels_last_path(params, prepared, tmp_path):
     """The GPU settings (bf16 autocast, channels_last) run end to end, here on the CPU."""
     out = tmp_path / "run"
-    assert pretrain(params, prepared, out, "pretrain.epochs=1", "runtime.precision=bf16",
-                    "runtime.channels_last=on", "variant=AAA") == 0
+    assert (
+        pretrain(
+            params,
+            prepared,
+            out,
+            "pretrain.epochs=1",
+            "runtime.precision=bf16",
+            "runtime.channels_last=on",
+            "variant=AAA",
+        )
+        == 0
+    )
     metrics = json.loads((out / "summary.json").read_text())
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss", "loss_clean", "loss_adv", "knn_acc"))
 

@@ -1,5 +1,6 @@
 """One training step and the attack, for every variant: which queue is written with
 what, which BN branch each forward uses, the enqueue order, the attack's contract."""
+
 from __future__ import annotations
 
 import copy
@@ -7,13 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
+from pretrain_utils import ALL_VARIANTS, BNRecorder, tiny_config, tiny_model, views
 
 from amoc.pretrain.attack import ContrastiveAttack
 from amoc.pretrain.losses import info_nce
 from amoc.pretrain.step import TrainStep
 from amoc.pretrain.variants import Variant
 from amoc.runtime import eval_mode
-from pretrain_utils import ALL_VARIANTS, BNRecorder, tiny_config, tiny_model, views  # noqa: F401
 
 B = 8
 STEPS = 2  # PGD steps in tiny_config
@@ -22,18 +23,25 @@ STEPS = 2  # PGD steps in tiny_config
 KC, KA, QC, QA = ("key", "clean", True), ("key", "adv", True), ("query", "clean", True), ("query", "adv", True)
 TRAIN_FORWARDS = {
     "CCC": [KC, QC],
-    "CAC": [KC, KA, QC], "CAA": [KC, KA, QC],
-    "ACC": [KC, QC, QA], "ACA": [KC, QC, QA],
+    "CAC": [KC, KA, QC],
+    "CAA": [KC, KA, QC],
+    "ACC": [KC, QC, QA],
+    "ACA": [KC, QC, QA],
     "ACA+": [KC, KA, QC, QA],  # KA: the key net on the adversarial *query* views
-    "AAC": [KC, KA, QC, QA], "AAA": [KC, KA, QC, QA],
+    "AAC": [KC, KA, QC, QA],
+    "AAA": [KC, KA, QC, QA],
 }
 EVAL_QC, EVAL_KC = ("query", "clean", False), ("key", "clean", False)
 EVAL_QA, EVAL_KA = ("query", "adv", False), ("key", "adv", False)
 ATTACK_FORWARDS = {  # the clean partner once, then one forward per PGD step per adversarial view
     "CCC": [],
-    "CAC": [EVAL_QC] + [EVAL_KA] * STEPS, "CAA": [EVAL_QC] + [EVAL_KA] * STEPS,
-    "ACC": [EVAL_KC] + [EVAL_QA] * STEPS, "ACA": [EVAL_KC] + [EVAL_QA] * STEPS, "ACA+": [EVAL_KC] + [EVAL_QA] * STEPS,
-    "AAC": [EVAL_QA, EVAL_KA] * STEPS, "AAA": [EVAL_QA, EVAL_KA] * STEPS,
+    "CAC": [EVAL_QC] + [EVAL_KA] * STEPS,
+    "CAA": [EVAL_QC] + [EVAL_KA] * STEPS,
+    "ACC": [EVAL_KC] + [EVAL_QA] * STEPS,
+    "ACA": [EVAL_KC] + [EVAL_QA] * STEPS,
+    "ACA+": [EVAL_KC] + [EVAL_QA] * STEPS,
+    "AAC": [EVAL_QA, EVAL_KA] * STEPS,
+    "AAA": [EVAL_QA, EVAL_KA] * STEPS,
 }
 
 
@@ -166,10 +174,14 @@ def test_enqueue_order(name):
             expected_adv = info_nce(q, k, queue_adv if v.adv_queue else queue_clean)
             assert losses["loss_adv"].item() == pytest.approx(expected_adv.item(), rel=1e-5)
         results[order] = (losses, model)
-    assert results["moco"][0]["loss_clean"].item() != pytest.approx(results["authors"][0]["loss_clean"].item(), rel=1e-6)
+    assert results["moco"][0]["loss_clean"].item() != pytest.approx(
+        results["authors"][0]["loss_clean"].item(), rel=1e-6
+    )
     # the keys written are the same either way; only when the negatives are read differs
     for buf in ("queue_clean", "queue_adv", "ptr_clean", "ptr_adv"):
-        assert torch.allclose(getattr(results["moco"][1], buf).float(), getattr(results["authors"][1], buf).float(), atol=1e-6)
+        assert torch.allclose(
+            getattr(results["moco"][1], buf).float(), getattr(results["authors"][1], buf).float(), atol=1e-6
+        )
 
 
 def test_authors_order_puts_a_near_copy_of_each_adversarial_query_among_its_negatives(monkeypatch):
@@ -182,7 +194,11 @@ def test_authors_order_puts_a_near_copy_of_each_adversarial_query_among_its_nega
     best = {}
     for order in ("authors", "moco"):
         calls = []
-        monkeypatch.setattr(step_module, "info_nce", lambda q, k, queue, **kw: calls.append((q, queue.clone())) or info_nce(q, k, queue, **kw))
+        monkeypatch.setattr(
+            step_module,
+            "info_nce",
+            lambda q, k, queue, calls=calls, **kw: calls.append((q, queue.clone())) or info_nce(q, k, queue, **kw),
+        )
         _, model, _, step, _, _ = make_step("ACA+", order=order)
         x_q, x_k = views()
         step(x_q, x_k, gen())

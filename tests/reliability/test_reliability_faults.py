@@ -3,6 +3,7 @@ hostile checkpoints handed to the CLI, missing data, CUDA out-of-memory.
 
 (The real-process kill/stop/lock tests are in tests/test_reliability_kill.py.)
 """
+
 from __future__ import annotations
 
 import errno
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pretrain_utils import write_prepared
 
 from amoc import cli, io
 from amoc.checkpoint import CheckpointManager
@@ -19,13 +21,30 @@ from amoc.errors import AmocError
 from amoc.nets import build_encoder
 from amoc.nets.store import save_encoder
 from amoc.runtime import oom_hint
-from pretrain_utils import write_prepared  # noqa: F401
 
-PRETRAIN_SETS = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "pretrain.batch_size=8",
-                 "pretrain.epochs=2", "pretrain.checkpoint_every=1", "pretrain.knn_k=5", "queue_size=16"]
-FAST = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "probe.batch_size=8",
-        "probe.epochs=1", "probe.milestones=[]", "finetune.batch_size=8", "finetune.epochs=1",
-        "evaluate.n_images=8", "evaluate.batch_size=8", "evaluate.autoattack=false"]
+PRETRAIN_SETS = [
+    "runtime.device=cpu",
+    "runtime.threads=1",
+    "runtime.progress=false",
+    "pretrain.batch_size=8",
+    "pretrain.epochs=2",
+    "pretrain.checkpoint_every=1",
+    "pretrain.knn_k=5",
+    "queue_size=16",
+]
+FAST = [
+    "runtime.device=cpu",
+    "runtime.threads=1",
+    "runtime.progress=false",
+    "probe.batch_size=8",
+    "probe.epochs=1",
+    "probe.milestones=[]",
+    "finetune.batch_size=8",
+    "finetune.epochs=1",
+    "evaluate.n_images=8",
+    "evaluate.batch_size=8",
+    "evaluate.autoattack=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +109,10 @@ def test_full_disk_is_a_clear_error_and_the_previous_file_is_untouched(tmp_path,
         monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(full))
     with pytest.raises(AmocError) as info:
         io.write_json(path, {"v": 2})
-    assert str(info.value) == (f"{path}: no space left on device while writing; free disk space and rerun "
-                               "(the previous file, if any, is untouched)")
+    assert str(info.value) == (
+        f"{path}: no space left on device while writing; free disk space and rerun "
+        "(the previous file, if any, is untouched)"
+    )
     assert json.loads(path.read_text()) == {"v": 1} and leftovers(tmp_path) == []
 
 
@@ -108,7 +129,11 @@ def test_real_full_disk_device_gives_enospc_through_torch_save(tmp_path, monkeyp
     real_open = open
 
     def open_full(file, mode="r", *args, **kwargs):
-        return real_open("/dev/full", mode, *args, **kwargs) if str(file).endswith(".tmp") and "w" in mode else real_open(file, mode, *args, **kwargs)
+        return (
+            real_open("/dev/full", mode, *args, **kwargs)
+            if str(file).endswith(".tmp") and "w" in mode
+            else real_open(file, mode, *args, **kwargs)
+        )
 
     monkeypatch.setattr("builtins.open", open_full)
     with pytest.raises(AmocError, match="no space left on device"):
@@ -184,17 +209,27 @@ def test_truncated_encoder_is_one_line_exit_2(params, data, encoder_file, tmp_pa
     _truncate(encoder_file)
     flag = ["--mode", "slf", "--encoder"] if stage == "probe" else ["--init"]
     assert amoc(stage, params, *flag, str(encoder_file), "--data", str(data), "--out", str(tmp_path / "o")) == 2
-    assert one_line_error(capsys, stage) == (f"amoc {stage}: error: {encoder_file}: truncated or corrupt checkpoint "
-                                             "(RuntimeError); delete it or rerun the stage that writes it")
+    assert one_line_error(capsys, stage) == (
+        f"amoc {stage}: error: {encoder_file}: truncated or corrupt checkpoint "
+        "(RuntimeError); delete it or rerun the stage that writes it"
+    )
     assert not (tmp_path / "o" / "classifier.pt").exists()
 
 
 def test_truncated_classifier_is_one_line_exit_2(params, data, encoder_file, tmp_path, capsys):
     out = tmp_path / "probe"
-    assert amoc("probe", params, "--mode", "slf", "--encoder", str(encoder_file), "--data", str(data), "--out", str(out)) == 0
+    assert (
+        amoc("probe", params, "--mode", "slf", "--encoder", str(encoder_file), "--data", str(data), "--out", str(out))
+        == 0
+    )
     _truncate(out / "classifier.pt")
     capsys.readouterr()
-    assert amoc("evaluate", params, "--model", str(out / "classifier.pt"), "--data", str(data), "--out", str(tmp_path / "e")) == 2
+    assert (
+        amoc(
+            "evaluate", params, "--model", str(out / "classifier.pt"), "--data", str(data), "--out", str(tmp_path / "e")
+        )
+        == 2
+    )
     err = one_line_error(capsys, "evaluate")
     assert f"{out / 'classifier.pt'}: truncated or corrupt checkpoint" in err
     assert not (tmp_path / "e" / "eval.json").exists()
@@ -217,7 +252,10 @@ def test_pickled_code_given_to_a_stage_is_refused(params, data, encoder_file, tm
     flag = {"probe": ["--mode", "slf", "--encoder"], "finetune": ["--init"], "evaluate": ["--model"]}[stage]
     assert amoc(stage, params, *flag, str(evil), "--data", str(data), "--out", str(tmp_path / "o")) == 2
     err = one_line_error(capsys, stage)
-    assert f"{evil}: refused to load: it holds more than tensors and plain data (Unsupported global: GLOBAL io.open)" in err
+    assert (
+        f"{evil}: refused to load: it holds more than tensors and plain data (Unsupported global: GLOBAL io.open)"
+        in err
+    )
     assert "only checkpoints written by amoc are accepted" in err
     assert not marker.exists()
 
@@ -243,10 +281,22 @@ def test_pickled_code_as_resume_checkpoint_is_skipped_never_run(params, data, tm
 @pytest.mark.parametrize("stage", ["pretrain", "probe", "finetune", "evaluate"])
 def test_missing_dataset_is_a_clear_error(params, encoder_file, tmp_path, capsys, stage):
     missing = tmp_path / "nowhere"
-    args = {"pretrain": [], "probe": ["--mode", "slf", "--encoder", str(encoder_file)],
-            "finetune": ["--init", "scratch"], "evaluate": ["--model", str(encoder_file)]}[stage]
-    code = amoc(stage, params, *args, "--data", str(missing), "--out", str(tmp_path / "o"),
-                sets=PRETRAIN_SETS if stage == "pretrain" else FAST)
+    args = {
+        "pretrain": [],
+        "probe": ["--mode", "slf", "--encoder", str(encoder_file)],
+        "finetune": ["--init", "scratch"],
+        "evaluate": ["--model", str(encoder_file)],
+    }[stage]
+    code = amoc(
+        stage,
+        params,
+        *args,
+        "--data",
+        str(missing),
+        "--out",
+        str(tmp_path / "o"),
+        sets=PRETRAIN_SETS if stage == "pretrain" else FAST,
+    )
     assert code == 2
     err = one_line_error(capsys, stage)
     if stage == "evaluate":  # reads the model first: an encoder is not a classifier
@@ -257,19 +307,38 @@ def test_missing_dataset_is_a_clear_error(params, encoder_file, tmp_path, capsys
 
 def test_missing_encoder_is_a_clear_error(params, data, tmp_path, capsys):
     missing = tmp_path / "runs" / "encoder.pt"
-    assert amoc("probe", params, "--mode", "slf", "--encoder", str(missing), "--data", str(data), "--out", str(tmp_path / "o")) == 2
-    assert one_line_error(capsys, "probe") == (f"amoc probe: error: {missing}: checkpoint not found; "
-                                               "run the stage that writes it first")
+    assert (
+        amoc(
+            "probe",
+            params,
+            "--mode",
+            "slf",
+            "--encoder",
+            str(missing),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 2
+    )
+    assert one_line_error(capsys, "probe") == (
+        f"amoc probe: error: {missing}: checkpoint not found; run the stage that writes it first"
+    )
 
 
 # ----------------------------------------------------------------------------- resources
 def test_oom_hint_names_the_batch_size_and_the_override():
     with pytest.raises(AmocError) as info:
         with oom_hint("pretrain", "pretrain.batch_size", 512):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore text")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore text"
+            )
     message = str(info.value)
-    assert message == ("pretrain: out of GPU memory at batch size 512 (CUDA out of memory. Tried to allocate 2.00 GiB "
-                       "(GPU 0; 79.1 GiB total)); lower it with --set pretrain.batch_size=256, or free the GPU")
+    assert message == (
+        "pretrain: out of GPU memory at batch size 512 (CUDA out of memory. Tried to allocate 2.00 GiB "
+        "(GPU 0; 79.1 GiB total)); lower it with --set pretrain.batch_size=256, or free the GPU"
+    )
     assert info.value.exit_code == 2 and info.value.__cause__ is None
 
 

@@ -8,6 +8,7 @@ full; and nothing is written outside (or inside) the temp folder.
 
 (Params fuzzing: tests/test_fuzz_params.py. Fixed unsafe members: tests/test_data_safe_tar.py.)
 """
+
 from __future__ import annotations
 
 import gzip
@@ -18,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amoc.data import cifar, folder, safe_tar
 from amoc.errors import DataError
@@ -26,15 +28,42 @@ from amoc.errors import DataError
 MAX_BYTES = 64  # members above this are "huge" for the reader
 
 segments = st.one_of(
-    st.sampled_from(["..", ".", "", "data", "train", "cat", "0.png", "C:", "c:", "~", "..\\..", "a\\..\\..",
-                     "..evil", "...", "con", " "]),
+    st.sampled_from(
+        [
+            "..",
+            ".",
+            "",
+            "data",
+            "train",
+            "cat",
+            "0.png",
+            "C:",
+            "c:",
+            "~",
+            "..\\..",
+            "a\\..\\..",
+            "..evil",
+            "...",
+            "con",
+            " ",
+        ]
+    ),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/"), min_size=1, max_size=8),
 )
-names = st.builds(lambda lead, parts: lead + "/".join(parts),
-                  st.sampled_from(["", "", "", "/", "\\", "./", "C:\\", "//"]), st.lists(segments, min_size=1, max_size=4))
+names = st.builds(
+    lambda lead, parts: lead + "/".join(parts),
+    st.sampled_from(["", "", "", "/", "\\", "./", "C:\\", "//"]),
+    st.lists(segments, min_size=1, max_size=4),
+)
 KINDS = {
-    "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
-    "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE, "contiguous": tarfile.CONTTYPE,
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+    "contiguous": tarfile.CONTTYPE,
     "unknown": b"Z",
 }
 members = st.tuples(
@@ -43,12 +72,16 @@ members = st.tuples(
     st.integers(0, 3 * MAX_BYTES),  # size; > MAX_BYTES is "huge"
     st.sampled_from(["", "../../etc/passwd", "/etc/passwd", "data/0.png"]),  # linkname
 )
-archives = st.fixed_dictionaries({
-    "members": st.lists(members, max_size=6),
-    "compress": st.booleans(),
-    "lie": st.none() | st.integers(1, MAX_BYTES) | st.integers(1, 10**12),  # declared size of the last file > its data
-    "cut": st.none() | st.floats(0.0, 1.0),     # keep this fraction of the archive's bytes
-})
+archives = st.fixed_dictionaries(
+    {
+        "members": st.lists(members, max_size=6),
+        "compress": st.booleans(),
+        "lie": st.none()
+        | st.integers(1, MAX_BYTES)
+        | st.integers(1, 10**12),  # declared size of the last file > its data
+        "cut": st.none() | st.floats(0.0, 1.0),  # keep this fraction of the archive's bytes
+    }
+)
 
 
 def build(spec: dict) -> bytes | None:
@@ -142,7 +175,9 @@ def test_any_archive_loads_or_fails_with_one_data_error_line(spec):
             assert message.startswith(str(archive))  # names the archive
             got = None
         intact = spec["cut"] is None and spec["lie"] is None
-        all_safe = all(is_safe(n, k, s if k in ("file", "contiguous", "unknown") else 0) for n, k, s, _ in spec["members"])
+        all_safe = all(
+            is_safe(n, k, s if k in ("file", "contiguous", "unknown") else 0) for n, k, s, _ in spec["members"]
+        )
         if intact and not all_safe:
             assert got is None, f"an unsafe archive was read: {spec['members']}"
         if intact and all_safe:

@@ -8,6 +8,7 @@ bit-identical to one uninterrupted run: every tensor of encoder.pt / classifier.
 
 Sizes: 96 synthetic 16x16 images, batch 8 = 12 steps per epoch, 4 epochs (~0.1 s/step).
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,17 +22,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from pretrain_utils import write_prepared
 
 from amoc import cli
 from amoc.io import torch_load
-from pretrain_utils import write_prepared
 
 TIMING = {"seconds", "images_per_s"}
-PRETRAIN_SETS = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "pretrain.batch_size=8",
-                 "pretrain.epochs=4", "pretrain.checkpoint_every=1", "pretrain.knn_k=5", "queue_size=24",
-                 "pretrain.queue_size_adv=16"]
-PROBE_SETS = ["runtime.device=cpu", "runtime.threads=1", "runtime.progress=false", "probe.batch_size=8",
-              "probe.epochs=4", "probe.milestones=[2]"]
+PRETRAIN_SETS = [
+    "runtime.device=cpu",
+    "runtime.threads=1",
+    "runtime.progress=false",
+    "pretrain.batch_size=8",
+    "pretrain.epochs=4",
+    "pretrain.checkpoint_every=1",
+    "pretrain.knn_k=5",
+    "queue_size=24",
+    "pretrain.queue_size_adv=16",
+]
+PROBE_SETS = [
+    "runtime.device=cpu",
+    "runtime.threads=1",
+    "runtime.progress=false",
+    "probe.batch_size=8",
+    "probe.epochs=4",
+    "probe.milestones=[2]",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 120
 
@@ -66,8 +81,9 @@ def pretrain_cmd(params: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def probe_cmd(params: Path, data: Path, encoder: Path, out: Path, *extra: str) -> list[str]:
-    return argv("probe", params, out, "--mode", "slf", "--encoder", str(encoder), "--data", str(data), *extra,
-                sets=PROBE_SETS)
+    return argv(
+        "probe", params, out, "--mode", "slf", "--encoder", str(encoder), "--data", str(data), *extra, sets=PROBE_SETS
+    )
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -227,13 +243,18 @@ def test_probe_killed_or_stopped_then_resumed_is_bit_identical(params, data, ref
 def test_second_run_on_the_same_out_is_refused_and_the_first_finishes(params, data, reference, tmp_path):
     out = tmp_path / "run"
     first = start(pretrain_cmd(params, data, out))
-    wait_for(first, lambda: (out / ".amoc.lock").is_file() and (out / ".amoc.lock").read_text().strip(),
-             "the first run's lock")
+    wait_for(
+        first,
+        lambda: (out / ".amoc.lock").is_file() and (out / ".amoc.lock").read_text().strip(),
+        "the first run's lock",
+    )
     t0 = time.monotonic()
     code, _, err = run(pretrain_cmd(params, data, out, "--resume"))
     assert code == 2
-    assert err.strip() == (f"amoc pretrain: error: {out}: another amoc run (pid {first.pid}) is writing here; "
-                           "wait for it or stop it, or use another output folder")
+    assert err.strip() == (
+        f"amoc pretrain: error: {out}: another amoc run (pid {first.pid}) is writing here; "
+        "wait for it or stop it, or use another output folder"
+    )
     assert time.monotonic() - t0 < 30  # at once: it does not wait for the lock
     code, _, err = finish(first)
     assert code == 0, err

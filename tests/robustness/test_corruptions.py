@@ -5,6 +5,7 @@ Real images: the CIFAR-10 subset (skipped when absent) and the embedded digits (
 skipped). Reference implementations written here from the published definitions check
 the vectorised ones.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -20,33 +21,54 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SUBSET_SHA256
 from PIL import Image
 from scipy import ndimage
 
 from amoc import cli
 from amoc.config import CORRUPTIONS
 from amoc.data import corrupted as layout
+from amoc.data.prepared import load_split
+from amoc.errors import DataError
 from amoc.report import robustness as plots
 from amoc.robustness import filters, official
 from amoc.robustness.corrupt import GLASS_BLUR, corrupt
 from amoc.robustness.corruptions import generate
-from amoc.data.prepared import load_split
-from amoc.errors import DataError
-
-from conftest import REPO, SUBSET_SHA256
 
 PARAMS = str(REPO / "params.yaml")
 QUIET = ["--params", PARAMS, "--set", "runtime.progress=false", "--set", "runtime.device=cpu"]
-RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost", "fog",
-          "elastic_transform")
+RANDOM = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic_transform",
+)
 
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def cifar_dir(shared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cifar") / "prepared"
-    assert cli.main(["download", *QUIET, "--set", f"data.source={shared_data}/cifar-10-python-subset.tar.gz",
-                     "--set", f"data.sha256={SUBSET_SHA256}", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "download",
+                *QUIET,
+                "--set",
+                f"data.source={shared_data}/cifar-10-python-subset.tar.gz",
+                "--set",
+                f"data.sha256={SUBSET_SHA256}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -70,8 +92,13 @@ def test_corruption_contract(name, digits_dir):
 
 def test_corrupt_rejects_bad_input():
     x = np.zeros((2, 32, 32, 3), np.uint8)
-    for bad in (lambda: corrupt(x, "speckle", 1), lambda: corrupt(x, "fog", 6), lambda: corrupt(x, "fog", 0),
-                lambda: corrupt(x.astype(np.float32), "fog", 1), lambda: corrupt(x[..., :1], "fog", 1)):
+    for bad in (
+        lambda: corrupt(x, "speckle", 1),
+        lambda: corrupt(x, "fog", 6),
+        lambda: corrupt(x, "fog", 0),
+        lambda: corrupt(x.astype(np.float32), "fog", 1),
+        lambda: corrupt(x[..., :1], "fog", 1),
+    ):
         with pytest.raises(ValueError):
             bad()
 
@@ -107,10 +134,10 @@ def test_motion_blur_is_a_one_sided_gaussian_line():
     radius, sigma = 6, 2.0
     impulse = np.zeros((1, 32, 32, 1))
     impulse[0, 16, 20] = 1.0
-    taps = np.exp(-np.arange(13) ** 2 / (2 * sigma ** 2))
+    taps = np.exp(-(np.arange(13) ** 2) / (2 * sigma**2))
     taps /= taps.sum()
     along_x = filters.motion_blur(impulse, radius, sigma, np.array([0.0]))[0, :, :, 0]
-    np.testing.assert_allclose(along_x[16, 20 - np.arange(13)], taps, atol=1e-12)   # trails to the left
+    np.testing.assert_allclose(along_x[16, 20 - np.arange(13)], taps, atol=1e-12)  # trails to the left
     assert along_x.sum() == pytest.approx(1.0) and along_x[15].sum() == 0 and along_x[16, 21:].sum() == 0
     along_y = filters.motion_blur(impulse, radius, sigma, np.array([90.0]))[0, :, :, 0]
     np.testing.assert_allclose(along_y[16 - np.arange(13), 20], taps, atol=1e-12)
@@ -136,9 +163,9 @@ def test_clipped_zoom_matches_scipy_zoom():
     for zoom in (1.01, 1.06, 1.13, 1.25, 1.75, 2.25):
         crop = int(np.ceil(32 / zoom))
         top = (32 - crop) // 2
-        big = ndimage.zoom(x[:, top:top + crop, top:top + crop], (1, zoom, zoom, 1), order=1)
+        big = ndimage.zoom(x[:, top : top + crop, top : top + crop], (1, zoom, zoom, 1), order=1)
         trim = (big.shape[1] - 32) // 2
-        np.testing.assert_allclose(filters.clipped_zoom(x, zoom), big[:, trim:trim + 32, trim:trim + 32], atol=1e-9)
+        np.testing.assert_allclose(filters.clipped_zoom(x, zoom), big[:, trim : trim + 32, trim : trim + 32], atol=1e-9)
 
 
 def test_bilinear_matches_map_coordinates():
@@ -191,24 +218,42 @@ def test_severity_grows_on_real_images(cifar_dir):
 def test_stage_writes_the_cifar10c_layout(cifar_dir, tmp_path):
     out = tmp_path / "c"
     n = 24
-    assert cli.main(["corruptions", *QUIET, "--set", f"corruptions.n_images={n}", "--data", str(cifar_dir),
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["corruptions", *QUIET, "--set", f"corruptions.n_images={n}", "--data", str(cifar_dir), "--out", str(out)]
+        )
+        == 0
+    )
     x, y = nhwc(cifar_dir, n)
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{c}.npy" for c in CORRUPTIONS] + ["labels.npy", "source.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{c}.npy" for c in CORRUPTIONS] + ["labels.npy", "source.json"]
+    )
     info = json.loads((out / "source.json").read_text())
     assert info["kind"] == "generated-approximation" and "never report" in info["note"]
-    assert (info["names"], info["severities"], info["n_images"], info["seed"]) == (list(CORRUPTIONS), [1, 2, 3, 4, 5], n, 1)
+    assert (info["names"], info["severities"], info["n_images"], info["seed"]) == (
+        list(CORRUPTIONS),
+        [1, 2, 3, 4, 5],
+        n,
+        1,
+    )
     assert "frost" in info["approximations"]
     np.testing.assert_array_equal(np.load(out / "labels.npy"), np.tile(y, 5))
     for name in ("fog", "jpeg_compression"):
         arr = np.load(out / f"{name}.npy", allow_pickle=False)
         assert arr.dtype == np.uint8 and arr.shape == (5 * n, 32, 32, 3)
         for s in range(1, 6):
-            np.testing.assert_array_equal(arr[(s - 1) * n:s * n], generate(x, name, s, seed=1))
+            np.testing.assert_array_equal(arr[(s - 1) * n : s * n], generate(x, name, s, seed=1))
     # Deterministic in the seed: the same bytes again, other bytes for another seed.
     again, other = tmp_path / "again", tmp_path / "other"
-    common = [*QUIET, "--set", f"corruptions.n_images={n}", "--set", "corruptions.names=[snow, frost]",
-              "--data", str(cifar_dir)]
+    common = [
+        *QUIET,
+        "--set",
+        f"corruptions.n_images={n}",
+        "--set",
+        "corruptions.names=[snow, frost]",
+        "--data",
+        str(cifar_dir),
+    ]
     assert cli.main(["corruptions", *common, "--out", str(again)]) == 0
     assert cli.main(["corruptions", *common, "--set", "seed=2", "--out", str(other)]) == 0
     assert (again / "snow.npy").read_bytes() == (out / "snow.npy").read_bytes()
@@ -230,8 +275,12 @@ def test_stage_is_all_or_nothing(digits_dir, tmp_path, monkeypatch, capsys):
 
     real = layout.write_array
     monkeypatch.setattr(layout, "write_array", failing)
-    assert cli.main(["corruptions", *QUIET, "--set", "corruptions.n_images=8", "--data", str(digits_dir),
-                     "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            ["corruptions", *QUIET, "--set", "corruptions.n_images=8", "--data", str(digits_dir), "--out", str(out)]
+        )
+        == 2
+    )
     assert "no space left" in capsys.readouterr().err
     assert len(calls) == 3 and sorted(p.name for p in out.iterdir()) == []
 
@@ -262,8 +311,10 @@ def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = N
 @pytest.fixture()
 def fake_c(tmp_path) -> tuple[Path, str, dict[str, np.ndarray], np.ndarray]:
     rng = np.random.default_rng(5)
-    arrays = {name: rng.integers(0, 256, size=(5 * M, 32, 32, 3), dtype=np.uint8)
-              for name in ("gaussian_noise", "fog", "speckle_noise")}
+    arrays = {
+        name: rng.integers(0, 256, size=(5 * M, 32, 32, 3), dtype=np.uint8)
+        for name in ("gaussian_noise", "fog", "speckle_noise")
+    }
     labels = np.tile(rng.integers(0, 10, size=M), 5).astype(np.uint8)
     members = {f"CIFAR-10-C/{k}.npy": _npy(v) for k, v in arrays.items()}
     members["CIFAR-10-C/labels.npy"] = _npy(labels)
@@ -273,14 +324,28 @@ def fake_c(tmp_path) -> tuple[Path, str, dict[str, np.ndarray], np.ndarray]:
 
 
 def _official_args(source: str, md5: str, out: Path, *extra: str) -> list[str]:
-    return ["corruptions", *QUIET, "--set", f"corruptions.source={source}", "--set", f"corruptions.md5={md5}",
-            "--set", "corruptions.names=[gaussian_noise, fog]", "--set", "corruptions.severities=[1, 3, 5]",
-            "--set", "corruptions.n_images=4", *extra, "--out", str(out)]
+    return [
+        "corruptions",
+        *QUIET,
+        "--set",
+        f"corruptions.source={source}",
+        "--set",
+        f"corruptions.md5={md5}",
+        "--set",
+        "corruptions.names=[gaussian_noise, fog]",
+        "--set",
+        "corruptions.severities=[1, 3, 5]",
+        "--set",
+        "corruptions.n_images=4",
+        *extra,
+        "--out",
+        str(out),
+    ]
 
 
 def _check_subset(out: Path, arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict:
     for name in ("gaussian_noise", "fog"):
-        expected = np.concatenate([arrays[name][(s - 1) * M:(s - 1) * M + 4] for s in (1, 3, 5)])
+        expected = np.concatenate([arrays[name][(s - 1) * M : (s - 1) * M + 4] for s in (1, 3, 5)])
         np.testing.assert_array_equal(np.load(out / f"{name}.npy"), expected)
     np.testing.assert_array_equal(np.load(out / "labels.npy"), np.tile(labels[:4], 3))
     assert not (out / "speckle_noise.npy").exists()
@@ -305,15 +370,23 @@ def test_official_archive_refusals(fake_c, tmp_path, capsys):
     assert cli.main(_official_args(str(path), "0" * 32, out)) == 2
     err = capsys.readouterr().err.strip()
     assert "md5 mismatch" in err and len(err.splitlines()) == 1 and not out.exists()
-    bad = {"symlink": ({"CIFAR-10-C/labels.npy": _npy(labels)}, {"CIFAR-10-C/fog.npy": "/etc/passwd"}),
-           "'..'": ({"../fog.npy": _npy(arrays["fog"])}, None),
-           "Python objects": ({"fog.npy": _npy(np.array([{"a": 1}] * 30, dtype=object), allow_pickle=True)}, None)}
+    bad = {
+        "symlink": ({"CIFAR-10-C/labels.npy": _npy(labels)}, {"CIFAR-10-C/fog.npy": "/etc/passwd"}),
+        "'..'": ({"../fog.npy": _npy(arrays["fog"])}, None),
+        "Python objects": ({"fog.npy": _npy(np.array([{"a": 1}] * 30, dtype=object), allow_pickle=True)}, None),
+    }
     for needle, (members, links) in bad.items():
         digest = _tar(tmp_path / "bad.tar", members, links)
         assert cli.main(_official_args(str(tmp_path / "bad.tar"), digest, out)) == 2
         assert needle in capsys.readouterr().err and not out.exists()
-    digest = _tar(tmp_path / "few.tar", {"a/gaussian_noise.npy": _npy(arrays["gaussian_noise"][:10]),
-                                          "a/fog.npy": _npy(arrays["fog"][:10]), "a/labels.npy": _npy(labels[:10])})
+    digest = _tar(
+        tmp_path / "few.tar",
+        {
+            "a/gaussian_noise.npy": _npy(arrays["gaussian_noise"][:10]),
+            "a/fog.npy": _npy(arrays["fog"][:10]),
+            "a/labels.npy": _npy(labels[:10]),
+        },
+    )
     assert cli.main(_official_args(str(tmp_path / "few.tar"), digest, out)) == 2
     assert "holds only 2 images per severity" in capsys.readouterr().err
 
@@ -327,7 +400,7 @@ class _RangeServer(http.server.ThreadingHTTPServer):
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         server: _RangeServer = self.server  # type: ignore[assignment]
         header = self.headers.get("Range")
         server.ranges.append(header)
@@ -339,7 +412,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if server.cut_after is not None:
-            body, server.cut_after, self.close_connection = body[:server.cut_after], None, True
+            body, server.cut_after, self.close_connection = body[: server.cut_after], None, True
         self.wfile.write(body)
 
     def log_message(self, *args) -> None:
@@ -407,21 +480,57 @@ def test_evaluate_agrees_with_a_direct_loop(digits_dir, tmp_path, capsys):
 
     cdir, out, model_path = tmp_path / "c", tmp_path / "eval", tmp_path / "m" / "classifier.pt"
     n, names, severities = 24, ["gaussian_noise", "contrast", "pixelate"], [1, 5]
-    assert cli.main(["corruptions", *QUIET, "--set", f"corruptions.n_images={n}", "--set",
-                     f"corruptions.names=[{', '.join(names)}]", "--set", "corruptions.severities=[1, 5]",
-                     "--data", str(digits_dir), "--out", str(cdir)]) == 0
+    assert (
+        cli.main(
+            [
+                "corruptions",
+                *QUIET,
+                "--set",
+                f"corruptions.n_images={n}",
+                "--set",
+                f"corruptions.names=[{', '.join(names)}]",
+                "--set",
+                "corruptions.severities=[1, 5]",
+                "--data",
+                str(digits_dir),
+                "--out",
+                str(cdir),
+            ]
+        )
+        == 0
+    )
     _classifier(model_path, seed=3)
-    assert cli.main(["evaluate", *QUIET, "--set", "evaluate.batch_size=10", "--model", str(model_path),
-                     "--data", str(digits_dir), "--corruptions", str(cdir), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                *QUIET,
+                "--set",
+                "evaluate.batch_size=10",
+                "--model",
+                str(model_path),
+                "--data",
+                str(digits_dir),
+                "--corruptions",
+                str(cdir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "corruptions.json").read_text())
     rows = (out / "corruptions.csv").read_text().splitlines()
     assert rows[0] == "corruption,severity,accuracy" and len(rows) == 1 + len(names) * len(severities)
     m = report["metrics"]  # the headline for DVC, and the severity curve as plot data
-    assert json.loads((out / "metrics.json").read_text()) == {"mean_acc": m["mean_corruption_acc"],
-                                                               "relative_drop": m["relative_drop"]}
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "mean_acc": m["mean_corruption_acc"],
+        "relative_drop": m["relative_drop"],
+    }
     curve = (out / "severity.csv").read_text().splitlines()
-    assert curve == ["severity,accuracy", f"0,{m['clean_acc']:.2f}"] + [f"{s},{m['per_severity'][str(s)]:.2f}"
-                                                                       for s in severities]
+    assert curve == ["severity,accuracy", f"0,{m['clean_acc']:.2f}"] + [
+        f"{s},{m['per_severity'][str(s)]:.2f}" for s in severities
+    ]
 
     model = amoc.load_classifier(model_path)
 
@@ -435,7 +544,7 @@ def test_evaluate_agrees_with_a_direct_loop(digits_dir, tmp_path, capsys):
     for name in names:
         arr = np.load(cdir / f"{name}.npy")
         for i, s in enumerate(severities):
-            cells.append(acc(arr[i * n:(i + 1) * n], y))
+            cells.append(acc(arr[i * n : (i + 1) * n], y))
             assert report["accuracy"][name][str(s)] == cells[-1]
             assert f"{name},{s},{cells[-1]:.2f}" in rows
     clean = acc(x, y)
@@ -455,8 +564,23 @@ def test_evaluate_agrees_with_a_direct_loop(digits_dir, tmp_path, capsys):
     with open(other / "test.npz", "wb") as fh:
         np.savez(fh, x=xt, y=yt.numpy())
     capsys.readouterr()
-    assert cli.main(["evaluate", *QUIET, "--model", str(model_path), "--data", str(other),
-                     "--corruptions", str(cdir), "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                *QUIET,
+                "--model",
+                str(model_path),
+                "--data",
+                str(other),
+                "--corruptions",
+                str(cdir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "pixel hash differs" in capsys.readouterr().err
 
 
@@ -466,12 +590,25 @@ def test_plots_and_markdown(tmp_path):
     for model, base in (("slf", 80.0), ("aff", 70.0)):
         folder = runs / model / "corruptions"
         folder.mkdir(parents=True)
-        lines = ["corruption,severity,accuracy"] + [f"{c},{s},{base - 3 * s:.2f}" for c in CORRUPTIONS for s in range(1, 6)]
+        lines = ["corruption,severity,accuracy"] + [
+            f"{c},{s},{base - 3 * s:.2f}" for c in CORRUPTIONS for s in range(1, 6)
+        ]
         (folder / "corruptions.csv").write_text("\n".join(lines) + "\n")
         per_sev = {str(s): base - 3 * s for s in range(1, 6)}
-        (folder / "corruptions.json").write_text(json.dumps({
-            "kind": "generated-approximation", "n_images": 100, "metrics": {
-                "clean_acc": base, "mean_corruption_acc": base - 9, "relative_drop": 9 / base, "per_severity": per_sev}}))
+        (folder / "corruptions.json").write_text(
+            json.dumps(
+                {
+                    "kind": "generated-approximation",
+                    "n_images": 100,
+                    "metrics": {
+                        "clean_acc": base,
+                        "mean_corruption_acc": base - 9,
+                        "relative_drop": 9 / base,
+                        "per_severity": per_sev,
+                    },
+                }
+            )
+        )
     paths = plots.corruption_heatmaps(runs, out)
     assert [p.name for p in paths] == ["corruptions_aff.png", "corruptions_slf.png", "corruptions_comparison.png"]
     for p in paths:

@@ -1,6 +1,7 @@
 """`amoc transfer` (issue #10): the matrix diagonal is white-box PGD with the same settings
 and seed, and a target whose gradients are masked is flagged. Real images: the embedded
 digits (never skipped); ridge-regression pixel classifiers give real, non-trivial accuracy."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch import nn
-
 
 from amoc import cli
 from amoc.attacks.pgd import pgd_linf
+from amoc.data.prepared import load_split
 from amoc.report import robustness as plots
 from amoc.robustness import transfer
 from amoc.robustness.transfer import masking_flags
-from amoc.data.prepared import load_split
-
-from conftest import REPO
 
 QUIET = ["--params", str(REPO / "params.yaml"), "--set", "runtime.progress=false", "--set", "runtime.device=cpu"]
 
@@ -66,13 +65,45 @@ def runs(digits_dir, tmp_path_factory) -> tuple[Path, dict[str, nn.Module]]:
     return root, {k: m.eval() for k, m in models.items()}
 
 
-def _run_transfer(runs_root: Path, models: dict[str, nn.Module], digits_dir: Path, out: Path, monkeypatch,
-                  sources: str, targets: list[str], *extra: str) -> dict:
+def _run_transfer(
+    runs_root: Path,
+    models: dict[str, nn.Module],
+    digits_dir: Path,
+    out: Path,
+    monkeypatch,
+    sources: str,
+    targets: list[str],
+    *extra: str,
+) -> dict:
     monkeypatch.setattr(transfer, "load_classifier", lambda path: models[Path(path).parent.name])
-    assert cli.main(["transfer", *QUIET, "--set", f"transfer.sources={sources}", "--set", "transfer.n_images=60",
-                     "--set", "transfer.attack.steps=10", "--set", "transfer.attack.eps=32/255",
-                     "--set", "evaluate.batch_size=25", *extra,
-                     "--runs", str(runs_root), "--models", *targets, "--data", str(digits_dir), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "transfer",
+                *QUIET,
+                "--set",
+                f"transfer.sources={sources}",
+                "--set",
+                "transfer.n_images=60",
+                "--set",
+                "transfer.attack.steps=10",
+                "--set",
+                "transfer.attack.eps=32/255",
+                "--set",
+                "evaluate.batch_size=25",
+                *extra,
+                "--runs",
+                str(runs_root),
+                "--models",
+                *targets,
+                "--data",
+                str(digits_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "transfer.json").read_text())
 
 
@@ -82,8 +113,15 @@ def _whitebox(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
     generator = torch.Generator().manual_seed(seed)
     correct = 0
     for xb, yb in zip(torch.split(x.float() / 255, bs), torch.split(y, bs)):
-        adv = pgd_linf(xb, lambda z, yb=yb: F.cross_entropy(model(z), yb, reduction="sum"), eps=eps,
-                       step_size=eps / 4, steps=steps, random_start=True, generator=generator)
+        adv = pgd_linf(
+            xb,
+            lambda z, yb=yb: F.cross_entropy(model(z), yb, reduction="sum"),
+            eps=eps,
+            step_size=eps / 4,
+            steps=steps,
+            random_start=True,
+            generator=generator,
+        )
         with torch.no_grad():
             correct += int(((model(adv).argmax(1) == yb) & (model(xb).argmax(1) == yb)).sum())
     return round(100.0 * correct / len(x), 2)
@@ -110,8 +148,9 @@ def test_diagonal_is_whitebox_pgd(runs, digits_dir, tmp_path, monkeypatch):
 
 def test_masked_gradients_are_flagged(runs, digits_dir, tmp_path, monkeypatch):
     root, models = runs
-    report = _run_transfer(root, models, digits_dir, tmp_path / "t", monkeypatch, "[ridge_a, masked]",
-                           ["ridge_a", "masked", "ridge_b"])
+    report = _run_transfer(
+        root, models, digits_dir, tmp_path / "t", monkeypatch, "[ridge_a, masked]", ["ridge_a", "masked", "ridge_b"]
+    )
     masked, base = report["models"]["masked"], report["models"]["ridge_a"]
     assert masked["suspect_gradient_masking"] is True and masked["best_transfer_source"] == "ridge_a"
     assert masked["whitebox_acc"] > masked["best_transfer_acc"] + 10
@@ -148,8 +187,20 @@ def test_amoc_classifier_files_and_missing_models(digits_dir, tmp_path, capsys):
         model = Classifier(build_encoder("resnet18", 0.125), 10)
         torch.nn.init.normal_(model.head.weight, std=2.0)
         save_classifier(root / name / "classifier.pt", model)
-    args = ["transfer", *QUIET, "--set", "transfer.n_images=8", "--set", "transfer.attack.steps=2",
-            "--runs", str(root), "--data", str(digits_dir), "--out", str(tmp_path / "t")]
+    args = [
+        "transfer",
+        *QUIET,
+        "--set",
+        "transfer.n_images=8",
+        "--set",
+        "transfer.attack.steps=2",
+        "--runs",
+        str(root),
+        "--data",
+        str(digits_dir),
+        "--out",
+        str(tmp_path / "t"),
+    ]
     assert cli.main([*args, "--models", "slf", "scratch"]) == 0
     report = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert report["sources"] == ["scratch"] and report["targets"] == ["slf", "scratch"]

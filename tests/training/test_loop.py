@@ -1,4 +1,5 @@
 """The shared resumable loop, on a toy job: position, checkpoints, stop signals, resume."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,13 @@ class Counter(Job):
     desc, batch_key, batch_size = "toy", "toy.batch_size", 1
 
     def __init__(self, epochs: int = 3, steps: int = 4, sync_every: int = 2, every: int = 1, stop_after: int = 0):
-        self.epochs, self.steps, self.sync_every, self.every, self.stop_after = epochs, steps, sync_every, every, stop_after
+        self.epochs, self.steps, self.sync_every, self.every, self.stop_after = (
+            epochs,
+            steps,
+            sync_every,
+            every,
+            stop_after,
+        )
         self.total, self.calls, self.rows, self.synced, self.fresh_calls = 0, 0, [], [], 0
 
     def steps_in_epoch(self) -> int:
