@@ -11,6 +11,7 @@ from amoc import cli, runtime
 from amoc.config import RuntimeConfig
 from amoc.distributed import Dist
 from amoc.runtime import FAKE_CPU_BF16, choose, cpu_bf16_support, setup
+from conftest import REPO
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -149,3 +150,13 @@ def test_stages_announce_their_runtime(params, tmp_path, capsys, monkeypatch):
                      "1 CPU thread"]
     assert json.loads((enc / "metrics.json").read_text())["epochs"] == 1
     assert json.loads((ev / "eval.json").read_text())["settings"]["precision"] == "fp32"
+
+
+def test_the_tiny_preset_pins_fp32(params, cpu_has):
+    """The tests' exact comparisons rely on it: on an AMX machine `auto` would be bf16."""
+    from amoc import config
+
+    cpu_has("AMX")
+    cfg = config.load(params).runtime
+    assert cfg.precision == "fp32" and choose(cfg, CPU)[:3] == (None, "runtime.precision=fp32", False)
+    assert config.load(REPO / "params.yaml").runtime.precision == "auto"  # not pinned for users
