@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 
 from amoc import cli, runtime
 from amoc.config import RuntimeConfig
@@ -240,3 +241,13 @@ def test_training_attacks_run_in_the_attack_precision_and_the_update_in_the_trai
     rt = setup(rc(precision="fp32", attack_precision="bf16"), 0)
     loss_step(model, spec, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), rt, torch.Generator())
     assert seen == [True, True, False]  # 2 PGD steps, then the training forward
+
+
+def test_the_tiny_preset_pins_fp32(params, cpu_has):
+    """The tests' exact comparisons rely on it: on an AMX machine `auto` would be bf16."""
+    from amoc import config
+
+    cpu_has("AMX")
+    cfg = config.load(params).runtime
+    assert cfg.precision == "fp32" and choose(cfg, CPU)[:3] == (None, "runtime.precision=fp32", False)
+    assert config.load(REPO / "params.yaml").runtime.precision == "auto"  # not pinned for users
