@@ -71,6 +71,18 @@ class Runtime:
             module = module.to(memory_format=torch.channels_last)
         return module
 
+    def compile_modules(self, *modules: nn.Module) -> None:
+        """runtime.compile: torch.compile each module in place (inductor). Inductor turns
+        convolutions channels_last on its own ("layout optimisation"); on a CPU that
+        runs contiguous that would reach the oneDNN bug above (it aborted the process
+        at width 0.0625), so there it keeps the layout the run chose."""
+        if self.device.type == "cpu" and not self.channels_last:
+            import torch._inductor.config as inductor
+
+            inductor.layout_optimization = False
+        for module in modules:
+            module.compile()
+
     def images(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x

@@ -202,7 +202,7 @@ class ClassifierTraining(Job):
         self.best: dict[str, Any] | None = None  # the best epoch on `val` so far: epoch, score, state
         model.train(train_mode)
         if rt.compile:  # training forwards, attacks and validation all call the compiled module
-            model.compile()
+            rt.compile_modules(model)
         # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
         self.forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
 

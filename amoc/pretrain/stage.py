@@ -169,8 +169,7 @@ class Pretraining(Job):
         self.optimizer = make_optimizer(model, cfg, rt.device)
         self.base_lr = base_lr(cfg)  # the schedule's peak
         if rt.compile:
-            model.query.compile()
-            model.key.compile()
+            rt.compile_modules(model.query, model.key)
         attack = ContrastiveAttack(model, self.variant, p.attack, autocast=rt.attack_autocast, dist=dist)
         # An unused parameter (the query's adv BN when no query is adversarial) must be
         # declared to DDP, or it waits for its gradient forever.
