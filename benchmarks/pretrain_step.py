@@ -3,7 +3,7 @@ efficiency against the bare network passes it contains.
 
     .venv/bin/python benchmarks/pretrain_step.py [--variant ACA] [--batch 256] [--width 1]
         [--device cpu|cuda] [--precision auto|fp32|bf16] [--channels-last auto|on|off]
-        [--steps 5] [--repeats 5] [--warmup 2] [--threads N] [--no-baseline]
+        [--steps 5] [--repeats 5] [--warmup 2] [--threads N] [--no-baseline] [--compile]
 
 Prints ``name: value unit`` lines. The full step is everything `amoc pretrain` does per
 iteration except the augmentation (benchmarks/augment.py): PGD on L_adv, the key
@@ -30,12 +30,25 @@ other CPUs). Unless `--no-baseline`, the same full step is also timed in fp32, e
 contiguous (NCHW) on a second model built from the same seed, the two timed
 alternately repeat by repeat so that both see the same machine load, and
 `speedup_vs_fp32` is their ratio from this one run.
+
+`--compile` sets runtime.compile: the query and key nets are compiled as `amoc pretrain`
+compiles them (`Runtime.compile_modules`, inductor on the CPU), and an eager twin of the same
+runtime (same seed, same weights) is built beside it. Before anything else, the first
+`--compile-steps` compiled steps, which trigger the compilation, are timed one by one,
+then the eager twin's first step. `compile_time` is the wall time those first compiled
+steps took beyond as many steady compiled steps; the steady compiled and eager steps are
+then timed alternately (with the fp32 baseline, unless `--no-baseline`), and
+`compiled_vs_eager` is their ratio; `compile_break_even_steps` is compile_time / (seconds
+saved per step), the run length from which compiling pays off. On the CPU each is also
+given in CPU seconds (`_cpu_time`; the compile's include the C++ compiler's children).
+The bare passes then run the compiled nets too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -108,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--compile", action="store_true", help="runtime.compile: torch.compile the query and key nets")
+    ap.add_argument("--compile-steps", type=int, default=3, help="first compiled steps timed one by one (--compile)")
     args = ap.parse_args(argv)
 
-    def make_cfg(precision: str, channels_last: str):
+    def make_cfg(precision: str, channels_last: str, compile: bool = False):
         return config_mod.from_dict(
             {
                 "variant": args.variant,
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": args.device,
                     "precision": precision,
                     "channels_last": channels_last,
+                    "compile": compile,
                     "threads": args.threads,
                     "progress": False,
                 },
@@ -132,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         rt = setup(cfg.runtime, cfg.seed)  # seeds torch: both sides start from the same weights
         model = rt.prepare(build_moco(cfg, CIFAR10_MEAN, CIFAR10_STD)).train()
         optimizer = make_optimizer(model, cfg, rt.device)
+        if rt.compile:  # as amoc.pretrain.stage does
+            rt.compile_modules(model.query, model.key)
         attack = ContrastiveAttack(model, v, cfg.pretrain.attack, autocast=rt.autocast)
         step = TrainStep(
             model,
@@ -150,9 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     v = Variant.parse(args.variant)
     base_cfg = None if args.no_baseline else make_cfg("fp32", "off")
     base_full = build(base_cfg)[3] if base_cfg else None
-    cfg = make_cfg(args.precision, args.channels_last)
+    eager_full = build(make_cfg(args.precision, args.channels_last))[3] if args.compile else None
+    cfg = make_cfg(args.precision, args.channels_last, args.compile)
     rt, model, optimizer, full_step, x_query, x_key = build(cfg)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+
+    def cpu_seconds() -> float:  # this process and its children (inductor runs the C++ compiler)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+
+    def once(fn: Callable[[], object]) -> tuple[float, float]:
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        fn()
+        sync()
+        return time.perf_counter() - start, cpu_seconds() - start_cpu
+
+    if args.compile:  # first, before any other call of the compiled nets: the steps that compile them
+        first_compiled = [once(full_step) for _ in range(args.compile_steps)]
+        first_eager = once(eager_full)[0]
 
     def time_it(fn: Callable[[], object]) -> tuple[float, float]:
         return median_time(fn, args.warmup, args.repeats, sync)
@@ -199,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     bare["key_forwards"] = (time_it(key_forwards), 1)
 
     # ---------------------------------------------------------------- the full step
-    if base_full is None:
-        full = time_it(full_step)
-    else:  # alternately, repeat by repeat: the ratio is not skewed by a change of machine load
-        full, base = interleaved_times([full_step, base_full], args.warmup, args.repeats, sync)
+    # alternately, repeat by repeat: the ratios are not skewed by a change of machine load
+    fns = [f for f in (full_step, eager_full, base_full) if f is not None]
+    times = interleaved_times(fns, args.warmup, args.repeats, sync) if len(fns) > 1 else [time_it(full_step)]
+    full = times[0]
+    eager = times[1] if eager_full is not None else None
+    base = times[-1] if base_full is not None else None
     bare_sum = [sum(t[i] * n for t, n in bare.values()) for i in (0, 1)]
 
     print(f"machine: {cpu_name() if rt.device.type == 'cpu' else torch.cuda.get_device_name(rt.device)}")
@@ -210,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         f"config: variant={v.name} batch={args.batch} width={args.width} queue={cfg.queue_size} pgd_steps={args.steps} "
         f"device={rt.device} threads={torch.get_num_threads()} amp={rt.amp_dtype} channels_last={rt.channels_last} "
         f"torch={torch.__version__} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
-        f"loadavg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup}"
+        f"loadavg={os.getloadavg()[0]:.2f} repeats={args.repeats} warmup={args.warmup} compile={rt.compile}"
     )
     print(f"step_time: {full[0]:.4f} s")
     print(f"step_images_per_s: {args.batch / full[0]:.1f} images/s")
@@ -221,6 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     if rt.device.type == "cpu":  # CPU seconds: less disturbed by other jobs on a shared machine
         print(f"step_cpu_time: {full[1]:.4f} s")
         print(f"step_efficiency_cpu_time: {bare_sum[1] / full[1]:.3f} ratio")
+    if eager is not None:
+        compile_time = sum(t for t, _ in first_compiled) - len(first_compiled) * full[0]
+        compile_cpu = sum(c for _, c in first_compiled) - len(first_compiled) * full[1]
+        saved = eager[0] - full[0]
+        print(f"compiled_first_steps: {' '.join(f'{t:.2f}' for t, _ in first_compiled)} s (one by one, compiling)")
+        print(f"eager_first_step: {first_eager:.2f} s")
+        print(f"compile_time: {compile_time:.1f} s (first {len(first_compiled)} steps minus as many steady ones)")
+        if rt.device.type == "cpu":
+            print(f"compile_cpu_time: {compile_cpu:.1f} s (same, CPU seconds, C++ compiler included)")
+        print(f"eager_step_time: {eager[0]:.4f} s (same runtime, not compiled)")
+        print(f"compiled_vs_eager: {eager[0] / full[0]:.2f} x")
+        if rt.device.type == "cpu":
+            print(f"compiled_vs_eager_cpu_time: {eager[1] / full[1]:.2f} x")
+        if saved > 0:
+            print(f"compile_break_even_steps: {compile_time / saved:.0f} steps")
+        else:
+            print("compile_break_even_steps: never (the compiled step is not faster)")
+        if rt.device.type == "cpu" and eager[1] > full[1]:
+            print(f"compile_break_even_steps_cpu_time: {compile_cpu / (eager[1] - full[1]):.0f} steps")
     if base_full is not None:
         print(f"fp32_step_time: {base[0]:.4f} s (fp32, eager, contiguous)")
         print(f"fp32_step_images_per_s: {args.batch / base[0]:.1f} images/s")
