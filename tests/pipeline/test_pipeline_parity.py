@@ -263,8 +263,12 @@ def test_a_changed_knob_reaches_both_engines(tmp_path, dvc):
 
 
 # ------------------------------------------------- declared params vs what the code reads
-# A read of `cfg.runtime` (handed whole to amoc.runtime.setup) needs only
-# runtime.precision declared: the other runtime keys change how, not what (HOW_NOT_WHAT).
+# A read of `cfg.runtime` (handed whole to amoc.runtime.setup) needs runtime.precision and
+# runtime.attack_precision declared: the other runtime keys change how, not what
+# (HOW_NOT_WHAT). Evaluation stages run setup(evaluation=True), which ignores the
+# precision of training-time attacks.
+RUNTIME_WHAT = {"runtime.precision", "runtime.attack_precision"}
+EVALUATION_STAGES = {"evaluate", "evaluate_corruptions", "transfer"}
 # finetune_aff shares `amoc finetune` with the scratch baseline, whose branch alone builds
 # an encoder from model.arch / model.width; the pre-trained encoder file carries its own.
 ONLY_OTHER_BRANCH = {"finetune_aff": {"model.arch", "model.width"}}
@@ -383,7 +387,11 @@ def test_declared_params_match_what_the_code_reads(dvc):
         if cmd.split()[1] == "evaluate" and "--corruptions" in cmd.split():
             target = "amoc.evaluate.corruptions:run"  # cli.main routes it there
         reads = config_reads(target)
-        reads = {("runtime.precision" if r == "runtime" else r) for r in reads if r not in HOW_NOT_WHAT}
+        reads = {r for r in reads if r not in HOW_NOT_WHAT and r != "runtime"} | (
+            RUNTIME_WHAT if "runtime" in reads else set()
+        )
+        if st.name in EVALUATION_STAGES:
+            reads.discard("runtime.attack_precision")
         reads -= ONLY_OTHER_BRANCH.get(st.name, set())
         declared = set(st.params)
         undeclared = sorted(r for r in reads if not _covers(declared, r))
