@@ -201,11 +201,11 @@ def test_dvc_metrics_hold_the_headline_numbers(dvc_ws):
     shown = json.loads(run("dvc", "metrics", "show", "--json", cwd=dvc_ws).stdout)
     keys = set()
 
-    def walk(node):
+    def walk(node, parent=None):
         if isinstance(node, dict):
             for key, value in node.items():
-                keys.add(key)
-                walk(value)
+                keys.update({key, f"{parent}.{key}"})  # a nested metric as dvc names it: transfer_acc.scratch
+                walk(value, key)
 
     walk(shown)
     assert HEADLINE <= keys, f"missing from dvc metrics show: {HEADLINE - keys}"
