@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -196,6 +198,17 @@ def setup(
     if stage is not None and dist.main:
         print(f"amoc {stage} runtime: {rt.describe()}", flush=True)
     return rt
+
+
+def cpu_name() -> str:
+    """The CPU model, for the figures benchmarks and the demo print."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 @contextlib.contextmanager

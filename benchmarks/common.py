@@ -4,19 +4,9 @@ as the authors' loader runs them)."""
 
 from __future__ import annotations
 
-import platform
 import random
-from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from amoc.runtime import cpu_name  # noqa: F401  (the scripts import it from here)
 
 
 class PILGaussianBlur:

@@ -19,21 +19,13 @@ import re
 import sys
 from pathlib import Path
 
+from amoc.runtime import cpu_name
+
 BEGIN, END = "<!-- demo:begin", "<!-- demo:end -->"
 
 
 def preset_sha256(params_text: str) -> str:
     return hashlib.sha256(params_text.encode()).hexdigest()[:16]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def block(workspace: Path, seconds: int | None) -> str:
