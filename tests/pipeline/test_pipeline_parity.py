@@ -183,13 +183,21 @@ def test_same_commands(dvc, smk):
     assert len(stages) == 17
 
 
+def same(dvc_stage: Stage, smk_stage: Stage, what: str) -> bool:
+    if what == "inputs" and dvc_stage.name == "report":
+        # dvc.yaml's report depends on the runs/ folder (one `dvc exp show` column instead of
+        # 28); the Snakefile names the files it reads, all of them inside that folder.
+        return dvc_stage.inputs == ("runs",) and all(i.startswith("runs/") for i in smk_stage.inputs)
+    return getattr(dvc_stage, what) == getattr(smk_stage, what)
+
+
 @pytest.mark.parametrize("what", ["name", "inputs", "outputs", "params"])
 def test_same_stages(dvc, smk, what):
     stages, _ = dvc
     diff = {
         cmd: (getattr(stages[cmd], what), getattr(smk[cmd], what))
         for cmd in stages
-        if cmd in smk and getattr(stages[cmd], what) != getattr(smk[cmd], what)
+        if cmd in smk and not same(stages[cmd], smk[cmd], what)
     }
     assert not diff, (
         "dvc.yaml vs Snakefile "
@@ -199,17 +207,18 @@ def test_same_stages(dvc, smk, what):
     )
 
 
-def test_dag_shape(dvc):
-    """Every input is produced by another stage (except nothing: download has none), and
-    the file contract holds: the report reads every summary, log and curve file (not the
-    headline metrics.json files, whose numbers the files beside them hold too, nor the
-    severity.csv plot data, which it draws from corruptions.json)."""
+def test_dag_shape(dvc, smk):
+    """Every input is produced by another stage (except nothing: download has none; the
+    report's runs/ folder holds what the others produce), and the file contract holds:
+    the report reads every summary, log and curve file (not the headline metrics.json
+    files, whose numbers the files beside them hold too, nor the severity.csv plot data,
+    which it draws from corruptions.json)."""
     stages, _ = dvc
     produced = {o for st in stages.values() for o in st.outputs}
     for st in stages.values():
-        missing = set(st.inputs) - produced
+        missing = set(st.inputs) - produced - ({"runs"} if st.name == "report" else set())
         assert not missing, f"{st.name}: inputs nobody produces: {missing}"
-    (report,) = [st for st in stages.values() if st.name == "report"]
+    (report,) = [st for st in smk.values() if st.name == "report"]
     wanted = {
         o
         for st in stages.values()
