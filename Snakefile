@@ -1,5 +1,5 @@
 # AMOC as a Snakemake workflow: the same stages, commands and files as dvc.yaml
-# (tests/test_pipeline_parity.py keeps the two equal). See docs/pipeline.md.
+# (tests/pipeline/test_pipeline_parity.py keeps the two equal). See docs/pipeline.md.
 #
 #   snakemake --cores 4                                   # local run
 #   snakemake --cores 4 --use-conda                       # in workflow/envs/amoc.yaml

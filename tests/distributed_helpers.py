@@ -1,4 +1,4 @@
-"""Workers for tests/test_distributed.py: one `amoc pretrain` run per rank in processes
+"""Workers for tests/distributed/test_distributed.py: one `amoc pretrain` run per rank in processes
 that torch.multiprocessing spawns (gloo on the CPU), each reporting what it saw."""
 
 from __future__ import annotations

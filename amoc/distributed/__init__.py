@@ -5,7 +5,7 @@ a stage opens a :func:`session`, which joins the process group when torchrun's
 ``WORLD_SIZE`` is above 1 (NCCL on CUDA, one GPU per local rank; gloo on the CPU).
 
 The rules every training stage follows, so that the world size changes the speed of a
-run and nothing else (checked against one process in tests/test_distributed.py):
+run and nothing else (checked against one process in tests/distributed/test_distributed.py):
 
 - ``batch_size`` params are global batches. Rank r trains on its rows of each global
   batch (``Shard.rows``: ``tensor_split`` order), so the epoch's image order is shared.

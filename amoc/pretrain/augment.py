@@ -8,7 +8,7 @@ loop, no PIL, no ``.item()`` and no host synchronisation, and every random numbe
 comes from the ``generator`` passed in (a seeded CPU run is bit-for-bit repeatable).
 
 The pipeline, per sample, in this order (torchvision semantics, checked against
-``torchvision.transforms.v2.functional`` in tests/test_augment.py, except the blur,
+``torchvision.transforms.v2.functional`` in tests/pretrain/test_augment.py, except the blur,
 which is PIL's as the authors use it):
 
 1. ``RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio)``: area fraction

@@ -29,7 +29,7 @@ Faithfulness, corruption by corruption:
   it with the published weights.
 
 Severity: the published CIFAR tables do not all grow. Measured on 200 real CIFAR-10
-test images (mean absolute pixel change, tests/test_corruptions.py): motion_blur 3 -> 4
+test images (mean absolute pixel change, tests/robustness/test_corruptions.py): motion_blur 3 -> 4
 is a plateau (radius 6 -> 8 at sigma 2 only adds taps of weight < 1e-9); glass_blur is
 flat over 1-3 (one shuffle; more blur smooths it back) and steps up at 4-5 (two
 shuffles); frost lowers the image weight (1 -> 0.75) while raising the frost weight

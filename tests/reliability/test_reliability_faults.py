@@ -1,7 +1,7 @@
 """Issue #8, in-process faults: writers that fail half way or hit a full disk, damaged and
 hostile checkpoints handed to the CLI, missing data, CUDA out-of-memory.
 
-(The real-process kill/stop/lock tests are in tests/test_reliability_kill.py.)
+(The real-process kill/stop/lock tests are in tests/reliability/test_reliability_kill.py.)
 """
 
 from __future__ import annotations

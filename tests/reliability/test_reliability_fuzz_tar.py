@@ -6,7 +6,7 @@ the cifar and folder readers) either loads or raises one clean DataError line, n
 another exception; an archive with any unsafe member is refused, one without is read in
 full; and nothing is written outside (or inside) the temp folder.
 
-(Params fuzzing: tests/test_fuzz_params.py. Fixed unsafe members: tests/test_data_safe_tar.py.)
+(Params fuzzing: tests/test_fuzz_params.py. Fixed unsafe members: tests/data/test_data_safe_tar.py.)
 """
 
 from __future__ import annotations
