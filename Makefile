@@ -31,8 +31,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# Two pytest-xdist workers, whole modules each (their module fixtures run once), the slow
+# modules first (tests/conftest.py). Every test uses one torch thread, so 2 workers fill
+# the 2 cores CI has; `make test TEST_WORKERS=8` on a bigger machine, 0 for one process.
+TEST_WORKERS ?= 2
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python benchmarks/pretrain_step.py

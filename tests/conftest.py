@@ -10,6 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with `slow` tests first, the most first: `make test` hands whole modules to
+    two pytest-xdist workers in this order, so the 13-minute DVC/Snakemake module starts at
+    once on one worker while the other runs everything else."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow.setdefault(item.module.__name__, 0)
+        slow[item.module.__name__] += item.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: keeps the order within
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -77,7 +77,10 @@ def say(request, text: str) -> None:
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
-            reporter.write_line(text)
+            if hasattr(request.config, "workerinput"):  # a pytest-xdist worker: its reporter writes
+                print(text, file=sys.stderr, flush=True)  # nowhere, its stderr is the terminal's
+            else:
+                reporter.write_line(text)
 
 
 # On top of the tiny preset: one torch thread. It changes how the stages run, not what
