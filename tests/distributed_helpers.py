@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from amoc import config
@@ -22,6 +23,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _checked(name: str, collective):
+    """`collective` that first asserts what NCCL needs and gloo forgives. NCCL copies raw
+    bytes: every tensor must be dense in its own layout (NCCL refuses others), which is
+    enough where every rank holds the same layout (broadcast, all_reduce); an all_gather
+    must send a contiguous tensor into contiguous outputs of its shape and strides (a
+    channels_last output beside a contiguous input would receive scrambled pixels)."""
+
+    def call(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        for a in args:
+            if isinstance(a, (list, tuple)):
+                tensors += [t for t in a if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            assert _dense(t), f"{name}: a tensor {tuple(t.shape)} with gaps, strides {t.stride()}"
+        if name in ("all_gather", "all_gather_into_tensor"):
+            for t in tensors:
+                assert t.is_contiguous(), f"{name}: a non-contiguous tensor {tuple(t.shape)} strides {t.stride()}"
+        if name == "all_gather":
+            outputs, sent = args[0], args[1]
+            for out in outputs:
+                assert (out.shape, out.stride()) == (sent.shape, sent.stride()), (
+                    f"all_gather: output {tuple(out.shape)} strides {out.stride()} beside input "
+                    f"{tuple(sent.shape)} strides {sent.stride()}"
+                )
+        CALLS[name] = CALLS.get(name, 0) + 1
+        return collective(*args, **kwargs)
+
+    return call
+
+
+CALLS: dict[str, int] = {}  # collectives seen by the shim in this process, by name
+
+
+def check_collectives() -> None:
+    """Route torch.distributed's collectives through `_checked` in this process."""
+    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter"):
+        setattr(dist, name, _checked(name, getattr(dist, name)))
+
+
 def pretrain_worker(
     rank: int, world: int, port: int, params: str, overrides: list[str], data: str, out: str, report: str
 ) -> None:
@@ -32,6 +76,7 @@ def pretrain_worker(
     os.environ.update(
         WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    check_collectives()
     cfg = config.load(params, overrides)
     seen: dict[str, list] = {"losses": [], "local_keys": [], "gathered_keys": [], "saves": []}
     real_save = CheckpointManager.save
@@ -58,7 +103,7 @@ def pretrain_worker(
         pt.step.gather, pt.log.add = recording_gather, recording_add
         pt.run()
         state = {k: v.detach().clone() for k, v in pt.model.state_dict().items()}
-    torch.save({**seen, "state": state}, Path(report) / f"rank{rank}.pt")
+    torch.save({**seen, "state": state, "collectives": dict(CALLS)}, Path(report) / f"rank{rank}.pt")
 
 
 def run_pretrain(world: int, params: Path, overrides: list[str], data: Path, out: Path) -> list[dict]:

@@ -77,12 +77,20 @@ class Dist:
         return Shard(self.rank, self.world, total)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's `t` (same shape on all ranks) concatenated along dim 0 in rank order."""
+        """Every rank's `t` (same shape on all ranks) concatenated along dim 0 in rank order,
+        in `t`'s memory format.
+
+        The collective itself moves contiguous tensors only: NCCL copies raw bytes, so a
+        channels_last output (``empty_like`` of a channels_last `t`) beside the contiguous
+        bytes sent would receive scrambled pixels."""
         if not self.active:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        sent = t.contiguous()
+        parts = [torch.empty_like(sent, memory_format=torch.contiguous_format) for _ in range(self.world)]
+        dist.all_gather(parts, sent)
+        whole = torch.cat(parts)
+        channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        return whole.contiguous(memory_format=torch.channels_last) if channels_last else whole
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.active:

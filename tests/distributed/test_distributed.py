@@ -99,9 +99,14 @@ def ring(keys: list[torch.Tensor], size: int) -> tuple[torch.Tensor, int]:
     return queue, len(stream) % size
 
 
-@pytest.mark.parametrize("bn", ["sync", "shuffle"])
-def test_every_rank_holds_the_same_queues_made_of_the_gathered_keys_in_rank_order(runs, bn):
-    rank0, rank1 = runs(2, bn)
+# channels_last, the CUDA default, with shuffle-BN: the images themselves are gathered
+# (width 0.25: oneDNN's NHWC kernels crash narrower nets on the CPU, amoc.runtime)
+CHANNELS_LAST = ("runtime.channels_last=on", "model.width=0.25")
+
+
+@pytest.mark.parametrize("bn, extra", [("sync", ()), ("shuffle", ()), ("shuffle", CHANNELS_LAST)])
+def test_every_rank_holds_the_same_queues_made_of_the_gathered_keys_in_rank_order(runs, bn, extra):
+    rank0, rank1 = runs(2, bn, *extra)
     # ACA+ writes both queues each step: clean keys first, then the adversarial ones.
     assert len(rank0["gathered_keys"]) == 2 * STEPS
     for local0, local1, gathered0, gathered1 in zip(
@@ -120,6 +125,16 @@ def test_every_rank_holds_the_same_queues_made_of_the_gathered_keys_in_rank_orde
     # rank's running statistics come from its own part of the batch, as in MoCo)
     per_rank = ("running_mean", "running_var") if bn == "shuffle" else ()
     assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"] if not k.endswith(per_rank))
+
+
+def test_every_collective_sends_contiguous_tensors_into_outputs_of_the_same_strides(runs):
+    """NCCL copies raw bytes: a channels_last tensor sent, or gathered into a channels_last
+    output beside a contiguous input, scrambles pixels on a GPU (gloo forgives it). The
+    workers route every collective through a shim that asserts contiguity and matching
+    strides (distributed_helpers.check_collectives); shuffle-BN gathers the images."""
+    for report in runs(2, "shuffle", *CHANNELS_LAST):
+        assert report["collectives"]["all_gather"] >= 2 * STEPS  # images and keys, every step
+        assert report["collectives"]["broadcast"] > 0
 
 
 def test_only_rank_0_writes_checkpoints_and_outputs(runs):
