@@ -27,23 +27,30 @@ def fingerprint(*parts: Any) -> str:
 
 
 def rng_state(*generators: torch.Generator) -> dict[str, Any]:
-    state: dict[str, Any] = {
+    """The random state a resume restores: the global CPU and Python generators and the
+    run's own `generators` (on the run's device). No global CUDA state: nothing in a run
+    draws from it (every device draw takes a run generator), and a state per visible GPU
+    could not be restored on a machine with fewer GPUs (8 -> 4 -> 1, docs/distributed.md)."""
+    return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "generators": [g.get_state() for g in generators],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
+    """Restore `rng_state`. A "cuda" entry (checkpoints written before 2026-12-04 held one
+    per visible GPU) is ignored, for the reason `rng_state` gives."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
     for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        try:
+            g.set_state(s)
+        except RuntimeError:  # a generator state of another device type: sizes differ
+            raise CheckpointError(
+                f"the checkpoint's random state does not fit this run's {g.device.type} generator (written on "
+                "another device type?); run the stage without --resume to start fresh"
+            ) from None
 
 
 def _as_tuple(obj: Any) -> Any:
@@ -72,6 +79,10 @@ class CheckpointManager:
             if (m := _NAME.match(p.name))
         ]
         return sorted(found, key=lambda t: t[0], reverse=True)
+
+    def foreign(self) -> int:
+        """How many checkpoints in the folder another config (or device type) wrote."""
+        return sum(fp != self.fingerprint for _, fp, _ in self._all())
 
     def paths(self) -> list[Path]:
         """This config's checkpoints, newest first."""

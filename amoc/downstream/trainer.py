@@ -416,19 +416,7 @@ def train_classifier(
     train_idx, val_idx = _carve_validation(y, spec, cfg.seed)
     val = (x[val_idx], y[val_idx]) if len(val_idx) else None
     data_digest = file_digest(Path(data) / "train.npz")
-    # what the run computes (not where or how fast): a resume must match all of it
-    fp = fingerprint(
-        provenance,
-        dataclasses.asdict(spec),
-        cfg.seed,
-        data_digest,
-        model.bn_branch,
-        model.num_classes,
-        str(rt.amp_dtype),
-        str(rt.attack_amp_dtype),
-        rt.compile,
-        cfg.distributed.bn,
-    )
+    fp = run_fingerprint(provenance, spec, cfg, data_digest, model, rt)
     job = ClassifierTraining(
         model,
         trainable,
@@ -486,6 +474,27 @@ def train_classifier(
         + (f", {job.selected_by} {best['score']:.2f}%)" if best else ", validation off)")
     )
     return result
+
+
+def run_fingerprint(
+    provenance: dict[str, Any], spec: TrainSpec, cfg: Config, data_digest: str, model: Classifier, rt: Runtime
+) -> str:
+    """What a resume must match: what the run computes, and the device type, since the
+    random state a checkpoint holds is a generator of that device (a CUDA generator's
+    state does not fit a CPU one); the world size and thread count are left out."""
+    return fingerprint(
+        provenance,
+        dataclasses.asdict(spec),
+        cfg.seed,
+        data_digest,
+        model.bn_branch,
+        model.num_classes,
+        rt.device.type,
+        str(rt.amp_dtype),
+        str(rt.attack_amp_dtype),
+        rt.compile,
+        cfg.distributed.bn,
+    )
 
 
 def _carve_validation(y: torch.Tensor, spec: TrainSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,8 +140,15 @@ class Loop:
         blob = self.checkpoints.load_latest() if resume else None
         if blob is None and self.dist.main:
             if resume:
+                foreign = self.checkpoints.foreign()
+                why = (
+                    f" (its {foreign} checkpoint{'s' if foreign != 1 else ''} came from other params, data, "
+                    "precision or device type)"
+                    if foreign
+                    else ""
+                )
                 print(
-                    f"{self.job.desc}: note: no usable checkpoint in {self.checkpoints.folder}; starting fresh",
+                    f"{self.job.desc}: note: no usable checkpoint in {self.checkpoints.folder}{why}; starting fresh",
                     file=sys.stderr,
                 )
             # a fresh run drops what an earlier run left, so a later --resume or a reader never mixes the two

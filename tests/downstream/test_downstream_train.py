@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -226,6 +227,47 @@ def test_resume_ignores_a_checkpoint_of_another_config(setup, capsys):
     assert "resuming" not in captured.err
     assert "probe alf epoch 1/2" in captured.out
     assert not old & set((out / "checkpoints").iterdir())  # the stale config's files are gone
+
+
+def test_a_checkpoint_written_on_a_gpu_starts_fresh_on_the_cpu_with_one_note(setup, monkeypatch, capsys):
+    """Moving a DVC workspace between machines: every stage runs with --resume, and a
+    probe checkpoint written on a GPU holds a CUDA generator state (16 bytes: seed and
+    offset) that a CPU generator cannot take. The device type is part of the resume
+    fingerprint, so that checkpoint is set aside with a note, never loaded."""
+    reference = setup["root"] / "device-ref"
+    assert _probe(setup, reference) == 0
+    calls = []
+    real = trainer.run_fingerprint
+
+    def recording(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "run_fingerprint", recording)
+    out = setup["root"] / "device-moved"
+    assert _probe(setup, out) == 0
+    monkeypatch.undo()
+    (args,) = calls
+    rt = args[-1]
+    on_gpu = real(*args[:-1], dataclasses.replace(rt, device=torch.device("cuda", 0)))
+    assert on_gpu != real(*args)
+
+    # What the same run on a GPU would have left: its epoch-1 checkpoint, nothing after it.
+    (first,) = (out / "checkpoints").glob("epoch-0001-step-000000-*.pt")
+    blob = torch.load(first, weights_only=True)
+    blob["fingerprint"] = on_gpu
+    blob["rng"]["generators"] = [torch.zeros(16, dtype=torch.uint8)]  # a CUDA generator's state
+    for path in (out / "checkpoints").iterdir():
+        path.unlink()
+    torch.save(blob, out / "checkpoints" / f"epoch-0001-step-000000-{on_gpu}.pt")
+    (out / "classifier.pt").unlink()
+    capsys.readouterr()
+
+    assert _probe(setup, out, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "device type" in err and "starting fresh" in err, err
+    state, ref_state = _state(out), _state(reference)
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
 
 
 def test_validation_split_logs_each_epoch_and_keeps_the_best_epoch(setup, monkeypatch):
