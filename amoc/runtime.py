@@ -1,10 +1,12 @@
 """Device, precision, threads and seeding: resolved once per stage from `runtime:`.
 
 `runtime.precision: auto` runs bf16 autocast where the hardware does bf16 matrix math
-natively: on CUDA, and on a CPU with AMX or AVX512-BF16 (oneDNN runs the convolutions
+natively: on CUDA cards with native bf16 (Ampere and later; not T4, V100, P100, where
+torch emulates it), and on a CPU with AMX or AVX512-BF16 (oneDNN runs the convolutions
 there; measured about 2x faster than fp32 on such a Xeon, 3x with channels_last); fp32
-everywhere else, since bf16 emulated in AVX2 is slower than fp32. `channels_last: auto`
-follows it: on for CUDA and for bf16 on such a CPU, off for fp32 on a CPU. fp32
+everywhere else, since emulated bf16 is slower than fp32. fp32 is IEEE fp32 on CUDA
+too: TF32 is never enabled (`ieee_fp32_on_cuda`). `channels_last: auto` follows the
+precision: on for bf16 (CUDA, or such a CPU), off for fp32. fp32
 channels_last measured 1.08-1.28x faster on an AVX2 EPYC at widths 0.25-1, but oneDNN's
 fp32 1x1 stride-2 convolution backward-weights kernel for NHWC inputs is broken when the
 input has fewer channels than its SIMD block (uxlfoundation/oneDNN#6035, open): it
@@ -28,7 +30,7 @@ from torch import nn
 
 from amoc.config import RuntimeConfig
 from amoc.distributed import Dist
-from amoc.errors import AmocError
+from amoc.errors import AmocError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,30 @@ def cpu_bf16_support() -> str | None:
     return None
 
 
+def cuda_bf16(device: torch.device) -> tuple[torch.dtype | None, str]:
+    """`auto` on a CUDA device: bf16 where its tensor cores do bf16 (Ampere and later);
+    fp32 on older cards (T4, V100, P100), where torch emulates bf16 more slowly than fp32."""
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16, "auto: CUDA with native bf16"
+    return None, "auto: this CUDA device has no native bf16 (pre-Ampere), so fp32"
+
+
+def ieee_fp32_on_cuda() -> None:
+    """Full IEEE fp32 for every fp32 matmul and convolution on CUDA: no TF32 (10-bit
+    mantissa), which cuDNN convolutions otherwise use by default. So `precision: fp32`
+    is the authors' fp32, and the InfoNCE logits and k-NN similarities, which run in fp32
+    outside autocast on purpose, keep their precision under any setting. bf16 autocast
+    is where the speed comes from. The current `fp32_precision` API where torch has it
+    (mixing it with the legacy allow_tf32 flags is an error)."""
+    cudnn = torch.backends.cudnn
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        for backend in (torch.backends.cuda.matmul, cudnn.conv, cudnn.rnn):
+            backend.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        cudnn.allow_tf32 = False
+
+
 def choose(
     cfg: RuntimeConfig, device: torch.device, *, evaluation: bool = False
 ) -> tuple[torch.dtype | None, str, bool, str]:
@@ -146,7 +172,7 @@ def choose(
     elif cfg.precision == "fp32":
         amp, why = None, "runtime.precision=fp32"
     elif device.type == "cuda":
-        amp, why = torch.bfloat16, "auto: CUDA"
+        amp, why = cuda_bf16(device)
     elif native:
         amp, why = torch.bfloat16, f"auto: CPU has {native}"
     elif device.type == "cpu":
@@ -156,7 +182,7 @@ def choose(
     if cfg.channels_last != "auto":
         return amp, why, cfg.channels_last == "on", f"runtime.channels_last={cfg.channels_last}"
     if device.type == "cuda":
-        return amp, why, True, "auto: CUDA"
+        return amp, why, amp is not None, f"auto: {'bf16' if amp is not None else 'fp32'} on CUDA"
     if amp is not None and native:
         return amp, why, True, f"auto: bf16 on a CPU with {native}"
     if amp is not None:
@@ -169,8 +195,15 @@ def setup(
 ) -> Runtime:
     """Seed every RNG, set threads, pick device and precision. In a multi-process CUDA
     run each rank takes the GPU of its local rank (`runtime.device: auto` or `cuda`).
-    `evaluation`: always fp32, TF32 off on CUDA. `stage`: print what was chosen, one line, on the main rank
-    (`amoc <stage> runtime: ...`)."""
+    An explicit index (`cuda:N`) is refused there. `evaluation`: always fp32; on CUDA,
+    fp32 is IEEE fp32 (no TF32) in every stage. `stage`: print what was chosen, one line,
+    on the main rank (`amoc <stage> runtime: ...`)."""
+    if dist.active and cfg.device.startswith("cuda:"):
+        raise ConfigError(
+            f"runtime.device: {cfg.device!r} would put all {dist.world} torchrun processes on one GPU; use "
+            "--set runtime.device=cuda (or auto): each process takes the GPU of its LOCAL_RANK, and "
+            "CUDA_VISIBLE_DEVICES chooses the cards"
+        )
     device = resolve_device(cfg.device)
     if dist.active and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)
@@ -180,9 +213,7 @@ def setup(
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        # TF32 speeds up fp32 training; evaluation keeps full fp32 (its numbers say fp32)
-        torch.backends.cuda.matmul.allow_tf32 = not evaluation
-        torch.backends.cudnn.allow_tf32 = not evaluation
+        ieee_fp32_on_cuda()
     amp, why_amp, channels_last, why_cl = choose(cfg, device, evaluation=evaluation)
     attack_amp = {"same": amp, "fp32": None, "bf16": torch.bfloat16}[cfg.attack_precision] if not evaluation else None
     rt = Runtime(

@@ -12,6 +12,7 @@ from conftest import REPO
 from amoc import cli, runtime
 from amoc.config import RuntimeConfig
 from amoc.distributed import Dist
+from amoc.errors import ConfigError
 from amoc.runtime import FAKE_CPU_BF16, choose, cpu_bf16_support, setup
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -66,12 +67,42 @@ def test_explicit_settings_win(cpu_has, unit):
             assert cl == (layout == "on") and why_cl == f"runtime.channels_last={layout}"
 
 
+@pytest.fixture
+def card(monkeypatch):
+    """card(native): fake torch.cuda.is_bf16_supported for a card with (Ampere and later)
+    or without (T4, V100, P100) native bf16; it answers True to a question that admits
+    emulation, as torch does."""
+    asked = []
+
+    def fake(native: bool) -> list:
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            asked.append(including_emulation)
+            return native or including_emulation
+
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+        return asked
+
+    return fake
+
+
 @pytest.mark.parametrize("unit", ["AMX", None])
-def test_cuda_is_bf16_and_channels_last_whatever_the_cpu(cpu_has, unit):
+def test_cuda_with_native_bf16_is_bf16_and_channels_last_whatever_the_cpu(cpu_has, card, unit):
     cpu_has(unit)
-    assert choose(rc(), CUDA) == (torch.bfloat16, "auto: CUDA", True, "auto: CUDA")
-    assert choose(rc(precision="fp32"), CUDA)[:3] == (None, "runtime.precision=fp32", True)
-    assert choose(rc(channels_last="off"), CUDA)[:3] == (torch.bfloat16, "auto: CUDA", False)
+    card(True)
+    assert choose(rc(), CUDA) == (torch.bfloat16, "auto: CUDA with native bf16", True, "auto: bf16 on CUDA")
+    assert choose(rc(precision="fp32"), CUDA)[:3] == (None, "runtime.precision=fp32", False)
+    assert choose(rc(channels_last="off"), CUDA)[:3] == (torch.bfloat16, "auto: CUDA with native bf16", False)
+
+
+def test_a_card_without_native_bf16_runs_fp32_and_says_why(cpu_has, card):
+    """bf16 on a pre-Ampere card is emulated, slower than fp32: auto must not pick it."""
+    cpu_has(None)
+    asked = card(False)
+    amp, why, cl, why_cl = choose(rc(), CUDA)
+    assert amp is None and not cl
+    assert why == "auto: this CUDA device has no native bf16 (pre-Ampere), so fp32" and why_cl == "auto: fp32 on CUDA"
+    assert asked == [False]  # emulation does not count
+    assert choose(rc(precision="bf16"), CUDA)[:2] == (torch.bfloat16, "runtime.precision=bf16")  # asked for
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
@@ -80,7 +111,7 @@ def test_evaluation_is_always_fp32(cpu_has, device, precision):
     cpu_has("AMX")
     amp, why, cl, _ = choose(rc(precision=precision), device, evaluation=True)
     assert amp is None and why == "evaluation always runs fp32"
-    assert cl == (device.type == "cuda")  # follows fp32: contiguous on a CPU
+    assert not cl  # follows fp32: contiguous
 
 
 def test_no_cuda_device_auto_means_the_cpu(cpu_has, monkeypatch):
@@ -176,24 +207,37 @@ def test_stages_announce_their_runtime(params, tmp_path, capsys, monkeypatch):
     assert json.loads((ev / "eval.json").read_text())["settings"]["precision"] == "fp32, TF32 off"
 
 
+FP32_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+
+
 @pytest.fixture
-def tf32_flags():
-    """Leave the process's TF32 switches as they were."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def fp32_flags():
+    """Leave the process's fp32 precision switches as they were."""
+    before = [b.fp32_precision for b in FP32_BACKENDS]
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    for backend, value in zip(FP32_BACKENDS, before):
+        backend.fp32_precision = value
 
 
-def test_evaluation_turns_tf32_off_and_training_on(monkeypatch, tf32_flags):
-    """On CUDA, training stages may use TF32; evaluation stages run in full fp32, as their
-    outputs say (the switches are process-wide; every stage is its own process)."""
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_cuda_never_uses_tf32_in_training_or_evaluation(monkeypatch, card, fp32_flags, precision):
+    """precision fp32 is IEEE fp32 (cuDNN's convolutions default to TF32), and the InfoNCE
+    logits and k-NN similarities, fp32 outside autocast on purpose, stay IEEE under bf16."""
     monkeypatch.setattr(runtime, "resolve_device", lambda name: CUDA)
-    cfg = RuntimeConfig(device="cuda", progress=False)
-    setup(cfg, 0)
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    rt = setup(cfg, 0, evaluation=True)
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    card(True)
+    cfg = RuntimeConfig(device="cuda", progress=False, precision=precision)
+    for evaluation in (False, True):
+        for backend in FP32_BACKENDS:
+            backend.fp32_precision = "tf32"
+        rt = setup(cfg, 0, evaluation=evaluation)
+        assert [b.fp32_precision for b in FP32_BACKENDS] == ["ieee"] * 3
     assert rt.amp_dtype is None and rt.attack_amp_dtype is None
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused():
+    """cuda:N would put every rank on card N while DDP uses the local rank's."""
+    with pytest.raises(ConfigError, match=r"runtime.device: 'cuda:1' would put all 2 torchrun processes on one GPU"):
+        setup(RuntimeConfig(device="cuda:1", progress=False), 0, Dist(rank=0, world=2, local_rank=0))
 
 
 @pytest.mark.parametrize(
