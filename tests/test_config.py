@@ -114,6 +114,7 @@ def test_defaults_follow_the_authors_recipe_and_the_table_preset_their_early_tab
     assert (table.probe.epochs, table.probe.milestones) == (25, [15, 20])
     assert (table.finetune.epochs, table.finetune.milestones) == (40, [30, 35])
     assert table.evaluate.pgd.step_ratio == pytest.approx(0.1) and table.pretrain == cfg.pretrain
+    assert table.probe.val_images == table.finetune.val_images == 0  # they train on every image
 
 
 @pytest.mark.parametrize("number,args,expected", _rows(), ids=[r[0] for r in _rows()])

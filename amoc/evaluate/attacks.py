@@ -237,7 +237,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                     "iterations": autoattack.AUTOATTACK_STEPS,
                     "square_queries": autoattack.AUTOATTACK_QUERIES,
                     "square_rescale_schedule": autoattack.SQUARE_RESCALE_SCHEDULE,
-                    "n_target_classes": num_classes - 1,
+                    "n_target_classes": autoattack.n_target_classes(num_classes),
                     "library": f"torchattacks {autoattack.torchattacks_version()}",
                     "seed": cfg.seed,
                     "max_perturbation_255": None if aa_worst is None else round(aa_worst * 255, 4),

@@ -69,6 +69,9 @@ class Encoder(nn.Module):
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.feature_dim = chans[-1]
+        for m in self.modules():  # the authors' init; BN weights 1 and biases 0 are torch's default
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))

@@ -66,7 +66,16 @@ def test_autoattack_uses_the_official_iteration_counts(robust):
     assert subs["APGD"].steps == subs["APGDT"].steps == subs["FAB"].steps == 100
     assert subs["Square"].n_queries == 5000 and subs["FAB"].multi_targeted
     assert subs["Square"].rescale_schedule is False  # the original's fixed schedule
-    assert subs["APGDT"].n_target_classes == 3  # n_classes - 1
+    assert subs["APGDT"].n_target_classes == subs["FAB"].n_target_classes == 3  # fewer than 9 classes besides y
+
+
+def test_autoattack_targets_9_classes_on_cifar_100():
+    """The original standard AutoAttack runs APGD-T and FAB-T with 9 target classes on
+    every data set; torchattacks would take all 99 on CIFAR-100 (11x the cost, another attack)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 100))
+    aa = autoattack.build_autoattack(model, 8 / 255, num_classes=100, seed=0)
+    subs = {type(a).__name__: a for a in aa._autoattack.attacks}
+    assert subs["APGDT"].n_target_classes == subs["FAB"].n_target_classes == 9
 
 
 def test_evaluate_stage_writes_settings_counts_and_an_ordered_result(robust, tmp_path, monkeypatch, capsys):
