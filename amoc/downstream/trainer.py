@@ -25,7 +25,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from amoc.nets.classifier import Classifier, save_classifier
 from amoc.runtime import Runtime, eval_mode
 from amoc.schedule import multistep, scaled_lr, set_lr
 from amoc.stopping import check_finite, check_finite_params
+from amoc.training.hot import hot
 from amoc.training.loop import Job, Loop
 from amoc.version import __version__
 
@@ -125,20 +126,23 @@ def loss_step(
     generator: torch.Generator,
     forwards: nn.Module | None = None,
     shard: Shard = Shard(),
+    attack_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(loss, logits on clean x or None, logits on x_adv or None) for one batch. The
-    attacks run on `model`; the trained forwards go through `forwards` (Forwards(model),
-    under DDP in a multi-process run)."""
+    attacks run on `attack_model` (default `model`; the two differ only in being compiled,
+    amoc.training.hot) with `model` in eval mode; the trained forwards go through `forwards`
+    (Forwards(model), under DDP in a multi-process run)."""
     forwards = forwards or Forwards(model)
+    attacked = attack_model or model
     if spec.loss == "ce":
         with rt.autocast():
             (logits,) = forwards(x)
         return F.cross_entropy(logits.float(), y), logits, None
     with eval_mode(model), rt.attack_autocast():  # attacks use running BN statistics
         if spec.loss == "trades":
-            x_adv = trades_attack(model, x, spec.attack, generator, shard=shard, start=spec.trades_start)
+            x_adv = trades_attack(attacked, x, spec.attack, generator, shard=shard, start=spec.trades_start)
         else:
-            x_adv = ce_pgd(model, x, y, spec.attack, generator, shard=shard)
+            x_adv = ce_pgd(attacked, x, y, spec.attack, generator, shard=shard)
     with rt.autocast():
         if spec.loss == "pgd_at":
             (logits_adv,) = forwards(x_adv)
@@ -201,10 +205,13 @@ class ClassifierTraining(Job):
         self.seed, self.val = seed, val  # held-out (uint8 images, labels), or None
         self.best: dict[str, Any] | None = None  # the best epoch on `val` so far: epoch, score, state
         model.train(train_mode)
-        if rt.compile:  # training forwards, attacks and validation all call the compiled module
-            rt.compile_modules(model)
         # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
-        self.forwards = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
+        self.forwards_eager = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
+        # runtime.compile: the training forwards and the attacks' forward are the per-step
+        # work, each compiled for the shape of a full batch (amoc.training.hot); a smaller
+        # last batch and validation run the eager module, so they never compile.
+        self.forwards = hot(self.forwards_eager, rt, "train_forwards")
+        self.attack_model = hot(model, rt, "attack")
 
     def run(self, resume: bool) -> dict[str, Any]:
         Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
@@ -260,7 +267,9 @@ class ClassifierTraining(Job):
     # ------------------------------------------------------------------ one epoch
     def steps_in_epoch(self) -> int:
         # a last batch with fewer images than ranks is skipped (every rank needs a row)
-        return sum(1 for b in torch.arange(self.n).split(self.batch_size) if len(b) >= self.dist.world)
+        return sum(
+            1 for start in range(0, self.n, self.batch_size) if min(self.batch_size, self.n - start) >= self.dist.world
+        )
 
     def begin_epoch(self, epoch: int, step: int) -> None:
         spec, device = self.spec, self.rt.device
@@ -287,7 +296,13 @@ class ClassifierTraining(Job):
         idx = shard.rows(self.batches[step])
         xb = rt.images(crop_flip(self.x[idx], self.generator, shard=shard))
         yb = self.y[idx]
-        loss, logits, logits_adv = loss_step(self.model, self.spec, xb, yb, rt, self.generator, self.forwards, shard)
+        # the epoch's first batch is a full one: any other size (a partial last batch) runs
+        # eager rather than compiling the hot path again for one step an epoch
+        full = len(self.batches[step]) == len(self.batches[0])
+        forwards, attacked = (self.forwards, self.attack_model) if full else (self.forwards_eager, self.model)
+        loss, logits, logits_adv = loss_step(
+            self.model, self.spec, xb, yb, rt, self.generator, forwards, shard, attack_model=attacked
+        )
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages over the ranks: weight each rank's mean by its share of the batch
         (loss * (len(idx) * dist.world / shard.total) if dist.active else loss).backward()

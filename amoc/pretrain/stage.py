@@ -46,6 +46,7 @@ from amoc.pretrain.variants import Variant
 from amoc.runtime import Runtime, setup
 from amoc.schedule import scaled_lr, set_lr, warmup_cosine
 from amoc.stopping import check_finite_params
+from amoc.training.hot import hot
 from amoc.training.loop import Job, Loop
 
 COLLAPSE_TOLERANCE = 0.02  # nats: an epoch's mean L_clean this close to log(K+1) has learnt nothing
@@ -168,13 +169,22 @@ class Pretraining(Job):
         model.key = synchronise_bn(model.key, dist, cfg.distributed.bn)
         self.optimizer = make_optimizer(model, cfg, rt.device)
         self.base_lr = base_lr(cfg)  # the schedule's peak
-        if rt.compile:
-            rt.compile_modules(model.query, model.key)
-        attack = ContrastiveAttack(model, self.variant, p.attack, autocast=rt.attack_autocast, dist=dist)
+        # runtime.compile: the step's three kinds of forwards (the attack's, the key net's,
+        # the query net's training pass) each get a compiled callable of their own, for the
+        # step's fixed shapes (amoc.training.hot); the k-NN monitor runs the eager encoder.
+        attack = ContrastiveAttack(
+            model,
+            self.variant,
+            p.attack,
+            autocast=rt.attack_autocast,
+            dist=dist,
+            embed=hot(model.embed, rt, "attack"),
+        )
         # An unused parameter (the query's adv BN when no query is adversarial) must be
         # declared to DDP, or it waits for its gradient forever.
         query_pass = dist.wrap(QueryPass(model), find_unused_parameters=not self.variant.adv_query)
-        shuffled = ShuffledKeys(model.keys, dist) if dist.active and cfg.distributed.bn == "shuffle" else None
+        keys = hot(model.keys, rt, "keys")
+        shuffled = ShuffledKeys(keys, dist) if dist.active and cfg.distributed.bn == "shuffle" else None
         self.step = TrainStep(
             model,
             self.variant,
@@ -183,8 +193,8 @@ class Pretraining(Job):
             leverage=cfg.leverage,
             enqueue_order=p.enqueue_order,
             autocast=rt.autocast,
-            query_pass=query_pass,
-            keys=shuffled,
+            query_pass=hot(query_pass, rt, "query_pass"),
+            keys=shuffled or (lambda x, branch, generator=None: keys(x, branch)),
             gather=dist.gather,
         )
         # Holds no tensors: it works on the device of the images it is given.
