@@ -31,8 +31,9 @@ contiguous (NCHW) on a second model built from the same seed, the two timed
 alternately repeat by repeat so that both see the same machine load, and
 `speedup_vs_fp32` is their ratio from this one run.
 
-`--compile` sets runtime.compile: the query and key nets are compiled as `amoc pretrain`
-compiles them (`Runtime.compile_modules`, inductor on the CPU), and an eager twin of the same
+`--compile` sets runtime.compile: the step's forwards are compiled as `amoc pretrain`
+compiles them (amoc.training.hot: the attack's, the key net's and the query pass, each a
+compiled callable of its own; inductor on the CPU), and an eager twin of the same
 runtime (same seed, same weights) is built beside it. Before anything else, the first
 `--compile-steps` compiled steps, which trigger the compilation, are timed one by one,
 then the eager twin's first step. `compile_time` is the wall time those first compiled
@@ -41,7 +42,7 @@ then timed alternately (with the fp32 baseline, unless `--no-baseline`), and
 `compiled_vs_eager` is their ratio; `compile_break_even_steps` is compile_time / (seconds
 saved per step), the run length from which compiling pays off. On the CPU each is also
 given in CPU seconds (`_cpu_time`; the compile's include the C++ compiler's children).
-The bare passes then run the compiled nets too.
+The bare passes run the eager nets.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ from common import cpu_name
 from amoc import config as config_mod
 from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
 from amoc.pretrain.attack import ContrastiveAttack
-from amoc.pretrain.moco import build_moco
+from amoc.pretrain.moco import QueryPass, build_moco
 from amoc.pretrain.stage import make_optimizer
 from amoc.pretrain.step import TrainStep
 from amoc.pretrain.variants import Variant
 from amoc.runtime import eval_mode, frozen, setup
+from amoc.training.hot import hot
 
 
 def median_time(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
@@ -148,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         rt = setup(cfg.runtime, cfg.seed)  # seeds torch: both sides start from the same weights
         model = rt.prepare(build_moco(cfg, CIFAR10_MEAN, CIFAR10_STD)).train()
         optimizer = make_optimizer(model, cfg, rt.device)
-        if rt.compile:  # as amoc.pretrain.stage does
-            rt.compile_modules(model.query, model.key)
-        attack = ContrastiveAttack(model, v, cfg.pretrain.attack, autocast=rt.autocast)
+        # runtime.compile: as amoc.pretrain.stage compiles the step (a no-op otherwise)
+        embed = hot(model.embed, rt, "attack")
+        attack = ContrastiveAttack(model, v, cfg.pretrain.attack, autocast=rt.autocast, embed=embed)
+        keys = hot(model.keys, rt, "keys")
         step = TrainStep(
             model,
             v,
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             leverage=cfg.leverage,
             enqueue_order=cfg.pretrain.enqueue_order,
             autocast=rt.autocast,
+            query_pass=hot(QueryPass(model), rt, "query_pass"),
+            keys=lambda x, branch, generator=None: keys(x, branch),
         )
         x_query = rt.images(torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
         x_key = rt.images(torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
