@@ -47,7 +47,7 @@ from amoc.nets.classifier import Classifier, save_classifier
 from amoc.runtime import Runtime, eval_mode
 from amoc.schedule import multistep, scaled_lr, set_lr
 from amoc.stopping import check_finite, check_finite_params
-from amoc.training.hot import hot
+from amoc.training.hot import freeze_unused_bn, hot
 from amoc.training.loop import Job, Loop
 from amoc.version import __version__
 
@@ -205,8 +205,13 @@ class ClassifierTraining(Job):
         self.seed, self.val = seed, val  # held-out (uint8 images, labels), or None
         self.best: dict[str, Any] | None = None  # the best epoch on `val` so far: epoch, score, state
         model.train(train_mode)
-        # A fine-tuned encoder runs one BN branch only: the other's parameters get no gradient.
-        self.forwards_eager = dist.wrap(Forwards(model), find_unused_parameters=train_mode)
+        if train_mode and hasattr(model, "bn_branch"):
+            # A fine-tuned encoder runs one BN branch only. Frozen (after the optimiser took
+            # them, as before: SGD skips parameters without a gradient, so the weights and the
+            # optimiser's checkpoint state stay as they were), the other branch's parameters
+            # leave DDP no unused parameter to search the autograd graph for every step.
+            freeze_unused_bn(model, model.bn_branch)
+        self.forwards_eager = dist.wrap(Forwards(model))
         # runtime.compile: the training forwards and the attacks' forward are the per-step
         # work, each compiled for the shape of a full batch (amoc.training.hot); a smaller
         # last batch and validation run the eager module, so they never compile.

@@ -46,7 +46,7 @@ from amoc.pretrain.variants import Variant
 from amoc.runtime import Runtime, setup
 from amoc.schedule import scaled_lr, set_lr, warmup_cosine
 from amoc.stopping import check_finite_params
-from amoc.training.hot import hot
+from amoc.training.hot import freeze_unused_bn, hot
 from amoc.training.loop import Job, Loop
 
 COLLAPSE_TOLERANCE = 0.02  # nats: an epoch's mean L_clean this close to log(K+1) has learnt nothing
@@ -180,9 +180,12 @@ class Pretraining(Job):
             dist=dist,
             embed=hot(model.embed, rt, "attack"),
         )
-        # An unused parameter (the query's adv BN when no query is adversarial) must be
-        # declared to DDP, or it waits for its gradient forever.
-        query_pass = dist.wrap(QueryPass(model), find_unused_parameters=not self.variant.adv_query)
+        if not self.variant.adv_query:
+            # The query pass never runs the query net's adv BN (CCC, CAC, CAA): frozen, it
+            # leaves DDP no unused parameter to wait for, so DDP needs no find_unused_parameters
+            # search every step. Its values do not change (SGD skips it either way).
+            freeze_unused_bn(model.query, "clean")
+        query_pass = dist.wrap(QueryPass(model))
         keys = hot(model.keys, rt, "keys")
         shuffled = ShuffledKeys(keys, dist) if dist.active and cfg.distributed.bn == "shuffle" else None
         self.step = TrainStep(

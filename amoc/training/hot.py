@@ -1,6 +1,7 @@
-"""The per-step hot paths of the training stages: what `runtime.compile` compiles.
+"""The per-step hot paths of the training stages: what `runtime.compile` compiles, and the
+dual-BN branch that a module under DistributedDataParallel must not leave unused.
 
-Dynamo keeps its graphs per Python code object, each guarded on what it was
+Compiling. Dynamo keeps its graphs per Python code object, each guarded on what it was
 specialised for: input shapes, train/eval mode, grad mode, autocast, every dual BN's
 branch. One compiled module that serves the training forward, the attacks (eval mode),
 a no-grad target, validation and a smaller last batch collects a graph for each; past
@@ -20,6 +21,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
+from amoc.nets.dual_bn import DualBatchNorm2d
 from amoc.runtime import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,3 +48,21 @@ def hot(fn: F, rt: Runtime, name: str) -> F:
         code = code.replace(co_qualname=label)
     own = types.FunctionType(code, call.__globals__, label, None, call.__closure__)
     return torch.compile(own, dynamic=False)  # type: ignore[return-value]
+
+
+def freeze_unused_bn(module: nn.Module, used: str) -> list[nn.Parameter]:
+    """Stop gradients for the affine parameters of every dual BN's other branch (the one
+    that is not `used`) and return them. A module that never runs that branch then has
+    no trainable parameter without a gradient, so DistributedDataParallel needs no
+    `find_unused_parameters` search (a traversal of the autograd graph every step).
+    Their values do not change: an optimiser skips parameters without a gradient."""
+    if used not in ("clean", "adv"):
+        raise ValueError(f"BN branch must be 'clean' or 'adv', got {used!r}")
+    other = "adv" if used == "clean" else "clean"
+    frozen = []
+    for m in module.modules():
+        if isinstance(m, DualBatchNorm2d):
+            for p in getattr(m, other).parameters():
+                p.requires_grad_(False)
+                frozen.append(p)
+    return frozen

@@ -16,11 +16,15 @@ import pytest
 import torch
 import torch._dynamo
 from downstream_helpers import make_prepared, params_file, random_encoder, run_stage
-from pretrain_utils import write_prepared
+from pretrain_utils import tiny_config, write_prepared
 
 from amoc import cli
-from amoc.downstream.trainer import ClassifierTraining
+from amoc.distributed import Dist
+from amoc.downstream.trainer import ClassifierTraining, TrainSpec
+from amoc.nets import build_encoder
+from amoc.nets.classifier import Classifier
 from amoc.pretrain.stage import Pretraining
+from amoc.runtime import setup
 
 
 class CompileSpy:
@@ -134,3 +138,85 @@ def test_pretrain_compiles_the_step_and_not_the_knn_monitor(tmp_path, spy, monke
     assert knn == [0, 0, 0]  # the random-init encoder's, then after each epoch
     assert dict(spy.graphs) == want
     assert all(kwargs.get("dynamic") is False for _, kwargs in spy.calls), spy.calls
+
+
+# ---------------------------------------------------------------------------------------
+# No unused parameters under DDP: the BN branch a module never runs is frozen instead
+
+
+class WrapSpy:
+    """Stands in for Dist.wrap (`install`): records find_unused_parameters, returns the module."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.find_unused: list[bool] = []
+
+        def wrap(dist, module, *, find_unused_parameters: bool = False):
+            self.find_unused.append(find_unused_parameters)
+            return module
+
+        monkeypatch.setattr(Dist, "wrap", wrap)
+
+
+def trainable_without_grad(module: torch.nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_classifier_training_leaves_ddp_no_unused_parameter(tmp_path, monkeypatch, train_mode):
+    """Fine-tuning (train mode, adv BN) freezes the clean BN branch; after a step every
+    parameter that still requires a gradient has one, so DDP runs without
+    find_unused_parameters. The frozen branch keeps its values. A probe (eval mode, frozen
+    encoder) trains the head only."""
+    wrap = WrapSpy(monkeypatch)
+    cfg = tiny_config("finetune.batch_size=8", "finetune.attack.steps=1")
+    rt = setup(cfg.runtime, 0)
+    model = Classifier(build_encoder(width=0.0625), 4)
+    if not train_mode:
+        model.encoder.requires_grad_(False)
+    clean = {n: p.detach().clone() for n, p in model.named_parameters() if ".clean." in n}
+    spec = TrainSpec.from_section(cfg.finetune, name="finetune", loss="trades", weight_decay=5e-4, cfg=cfg)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(16) % 4
+    job = ClassifierTraining(
+        model,
+        model if train_mode else model.head,
+        spec,
+        x,
+        y,
+        rt,
+        tmp_path,
+        seed=0,
+        fingerprint="f",
+        train_mode=train_mode,
+        desc="t",
+    )
+    job.begin_epoch(0, 0)
+    job.train_step(0, 0)
+    assert wrap.find_unused == [False]
+    assert trainable_without_grad(model) == []
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    if train_mode:
+        assert any(".adv." in n for n in trained) and not any(".clean." in n for n in trained)
+        assert "encoder.conv1.weight" in trained
+    else:
+        assert trained == ["head.weight", "head.bias"]
+    assert all(torch.equal(p, clean[n]) for n, p in model.named_parameters() if n in clean)
+
+
+@pytest.mark.parametrize("variant", ["CCC", "CAC", "ACA+", "AAA"])
+def test_pretraining_leaves_ddp_no_unused_parameter(tmp_path, monkeypatch, variant):
+    """The query pass runs the adv BN only when the query is adversarial; otherwise that
+    branch is frozen, and after a step every query parameter that requires a gradient has
+    one, so DDP runs without find_unused_parameters."""
+    wrap = WrapSpy(monkeypatch)
+    data = write_prepared(tmp_path / "data")
+    job = Pretraining(tiny_config(variant=variant), data, tmp_path / "out")
+    adv_before = {n: p.detach().clone() for n, p in job.model.query.named_parameters() if ".adv." in n}
+    job.begin_epoch(0, 0)
+    job.train_step(0, 0)
+    assert wrap.find_unused == [False]
+    assert trainable_without_grad(job.model.query) == []
+    adv_trained = any(p.requires_grad for n, p in job.model.query.named_parameters() if ".adv." in n)
+    assert adv_trained == (variant in ("ACA+", "AAA"))
+    if not adv_trained:  # frozen and untouched by the step (the EMA only reads them)
+        assert all(torch.equal(p, adv_before[n]) for n, p in job.model.query.named_parameters() if n in adv_before)
