@@ -204,7 +204,7 @@ class Pretraining(Job):
         self.augment = SimCLRAugment(p.augment, size=self.data.train_x.shape[-1])
         self.generator = rt.generator(cfg.seed)  # augmentation and attack noise
         self.checkpoints = CheckpointManager(out / "checkpoints", run_fingerprint(cfg, rt, self.data.stats))
-        self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=self.variant.has_adv_loss)
+        self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=self.variant.has_adv_loss, dist=dist)
         self.order: torch.Tensor | None = None  # the current epoch's image order
         self.lr = 0.0
         self.clock = (0, time.perf_counter())
@@ -269,10 +269,8 @@ class Pretraining(Job):
             epoch * self.steps_per_epoch + step, total, p.warmup_epochs * self.steps_per_epoch, self.base_lr
         )
         set_lr(self.optimizer, self.lr)
-        losses = self.step(x_query, x_key, self.generator)
-        if dist.active:  # the global batch's mean losses, as one process would log them
-            losses = dict(zip(losses, dist.mean(torch.stack(list(losses.values())))))
-        self.log.add(losses, self.lr)
+        # this rank's losses; the log adds them over the ranks when it reads them (sync points)
+        self.log.add(self.step(x_query, x_key, self.generator), self.lr)
 
     def sync(self, epoch: int, step: int) -> dict[str, str]:
         self.log.check_finite(epoch=epoch, step=step)  # one host sync

@@ -155,19 +155,39 @@ def test_only_rank_0_writes_checkpoints_and_outputs(runs):
     assert not (out / "rank1").exists() or not any((out / "rank1").rglob("*"))
 
 
-def curves(one: dict, two: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    curve1 = torch.tensor([[s[k] for k in ("loss", "loss_clean", "loss_adv")] for s in one["losses"]])
-    curve2 = torch.tensor([[s[k] for k in ("loss", "loss_clean", "loss_adv")] for s in two["losses"]])
+def curve(report: dict) -> torch.Tensor:
+    """STEPS x 3: the losses this rank's log was given, step by step (its own batch's)."""
+    return torch.tensor([[s[k] for k in ("loss", "loss_clean", "loss_adv")] for s in report["losses"]])
+
+
+def curves(one: dict, *ranks: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One process's per-step losses, and those of the global batch of a run on the `ranks`:
+    the mean of the ranks' own (equal shards; the log adds them up when it reads them)."""
+    curve1, curve2 = curve(one), torch.stack([curve(r) for r in ranks]).mean(0)
     assert curve1.shape == curve2.shape == (STEPS, 3)
     return curve1, curve2
+
+
+def test_rank_0_logs_the_epoch_means_of_the_global_batches(runs):
+    """No all-reduce per step for the log: each rank sums its own losses and the sums meet
+    at sync points and at the end of an epoch. Rank 0's log.csv holds the epoch means of the
+    global batches' losses, as the old per-step all-reduce logged them."""
+    ranks = runs(2, "sync")
+    _, global_curve = curves(ranks[0], *ranks)
+    rows = read_log(ranks[0]["out"] / "rank0" / "log.csv")
+    per_epoch = STEPS // len(rows)
+    for epoch, row in enumerate(rows):
+        want = global_curve[epoch * per_epoch : (epoch + 1) * per_epoch].double().mean(0)
+        got = torch.tensor([float(row[k]) for k in ("loss", "loss_clean", "loss_adv")], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 def test_two_ranks_make_the_first_step_of_one_process_with_the_same_global_batch(runs):
     """The first step is the same computation up to float rounding (sync BN, the same
     images, augmentations and attack starts, DDP's average = the global batch's mean), in
     the default (authors') enqueue order."""
-    (one,), (two, _) = runs(1, "sync"), runs(2, "sync")
-    curve1, curve2 = curves(one, two)
+    (one,), two = runs(1, "sync"), runs(2, "sync")
+    curve1, curve2 = curves(one, *two)
     torch.testing.assert_close(curve2[0], curve1[0], rtol=1e-5, atol=0)
 
 
@@ -179,8 +199,8 @@ def test_two_ranks_follow_the_loss_curve_of_one_process_with_the_same_global_bat
     authors' order each ACA+ query also meets its own near-copy among the negatives, which
     amplifies that noise (one process, 2 threads vs 1, these settings: 0.91% against
     0.001% in MoCo's order; 2 ranks vs 1: 2.6%), so it is no test of the data parallelism."""
-    (one,), (two, _) = runs(1, "sync", "pretrain.enqueue_order=moco"), runs(2, "sync", "pretrain.enqueue_order=moco")
-    curve1, curve2 = curves(one, two)
+    (one,), two = runs(1, "sync", "pretrain.enqueue_order=moco"), runs(2, "sync", "pretrain.enqueue_order=moco")
+    curve1, curve2 = curves(one, *two)
     torch.testing.assert_close(curve2[0], curve1[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(curve2, curve1, rtol=2e-2, atol=0)
 
