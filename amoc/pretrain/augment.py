@@ -308,15 +308,16 @@ def pil_box_radius(sigma: Tensor) -> tuple[Tensor, Tensor]:
     return l, a
 
 
-_BOX_TABLES: dict[tuple, Tensor] = {}  # CPU only: (n, n_l, dtype) -> the tables (a few 10 kB each)
+_BOX_TABLES: dict[tuple, Tensor] = {}  # (n, n_l, dtype, device) -> the tables (a few 10 kB each)
 
 
 def _pil_box_tables(n: int, n_l: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(4 n_l) x (n*n): for l = 0 .. n_l-1, the four coefficient matrices of ``(A_l + a
     F_l)^3`` in powers of ``a`` (see ``pil_blur_matrices``), flattened. Small integers,
-    exact in float32. Kept between calls on CPU (building them is ~20 small ops)."""
-    key = (n, n_l, dtype)
-    if device.type == "cpu" and key in _BOX_TABLES:
+    exact in float32. Kept between calls per (n, n_l, dtype, device), read only: building
+    them is ~20 small ops, on CUDA ~20 kernel launches per call."""
+    key = (n, n_l, dtype, torch.device(device))
+    if key in _BOX_TABLES:
         return _BOX_TABLES[key]
     idx = torch.arange(n, device=device, dtype=dtype)
     dist = (idx[None, :] - idx[:, None]).abs_()  # n x n, |j - i|
@@ -327,9 +328,7 @@ def _pil_box_tables(n: int, n_l: int, dtype: torch.dtype, device: torch.device) 
     far = torch.minimum((ls + 2.0 - dist).clamp_(min=0.0), edge).sub_(box)  # F_l
     aa, af, fa, ff = box @ box, box @ far, far @ box, far @ far
     table = torch.stack([aa @ box, aa @ far + af @ box + fa @ box, af @ far + fa @ far + ff @ box, ff @ far], dim=1)
-    table = table.view(n_l * 4, n * n)
-    if device.type == "cpu":
-        _BOX_TABLES[key] = table
+    table = _BOX_TABLES[key] = table.view(n_l * 4, n * n)
     return table
 
 
