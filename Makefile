@@ -26,10 +26,12 @@ study: setup
 demo-readme:
 	$(BIN)/python workflow/demo_block.py --install demo/readme-block.md README.md
 
-# ruff: formatting and lint (pyproject.toml); CI runs it before the tests.
+# ruff: formatting and lint (pyproject.toml); the device lint: tensor factories without
+# device= and host syncs in the per-step paths (tools/device_lint.py). CI runs it before the tests.
 lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/python tools/device_lint.py
 
 # Two pytest-xdist workers, whole modules each (their module fixtures run once), the slow
 # modules first (tests/conftest.py). Every test uses one torch thread, so 2 workers fill

@@ -3,6 +3,7 @@ non-finite losses or weights stop the run with a message naming where."""
 
 from __future__ import annotations
 
+import math
 import signal
 import types
 from typing import Any
@@ -47,7 +48,7 @@ def check_finite(losses: dict[str, torch.Tensor], *, epoch: int, step: int) -> N
     """One host sync for all losses; call it every few steps, not every step."""
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
     if not bool(torch.isfinite(values).all()):
-        bad = [name for name, v in zip(losses, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+        bad = [name for name, v in zip(losses, values.tolist()) if not math.isfinite(v)]
         raise NumericalError(
             f"non-finite {', '.join(bad)} at epoch {epoch}, step {step}; the last good checkpoint is kept - "
             "lower the learning rate or use --set runtime.precision=fp32"

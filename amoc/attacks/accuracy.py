@@ -35,6 +35,8 @@ def correct(
     progress bar (when rt.progress). A label the model cannot predict is a DataError: the
     classifier was trained on another data set."""
     out = []
+    # the largest label, read once here rather than from the device after every batch
+    top = int(labels.max()) if len(labels) else -1  # device-ok: once per call, before the loop
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None or not rt.progress, leave=False):
         xb = _tensor(images[start : start + batch_size]).to(rt.device)
@@ -46,9 +48,9 @@ def correct(
             xb = attack(xb, yb)
         with torch.no_grad():
             logits = model(xb)
-        if len(yb) and logits.shape[1] <= int(yb.max()):
+        if logits.shape[1] <= top:
             raise DataError(
-                f"the classifier predicts {logits.shape[1]} classes but a label is {int(yb.max())}; "
+                f"the classifier predicts {logits.shape[1]} classes but a label is {top}; "
                 "evaluate on the data set it was trained on"
             )
         out.append(logits.argmax(1) == yb)
@@ -57,7 +59,7 @@ def correct(
 
 def percent(mask: torch.Tensor) -> float:
     """Accuracy in % of a correctness mask (0 for no images)."""
-    return 100.0 * float(mask.float().mean()) if len(mask) else 0.0
+    return 100.0 * float(mask.float().mean()) if len(mask) else 0.0  # device-ok: the result, read once
 
 
 def _tensor(a: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -140,7 +140,7 @@ class _CPUWorkspace:
         n = math.prod(shape)
         buf = self.bufs.get(name)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-            buf = self.bufs[name] = torch.empty(n, dtype=like.dtype)
+            buf = self.bufs[name] = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(shape)
 
     def __getstate__(self) -> dict:  # do not pickle or deepcopy the buffers

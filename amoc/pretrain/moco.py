@@ -72,11 +72,12 @@ class MoCo(nn.Module):
         self.key_momentum = key_momentum
         self.register_buffer("queue_clean", self._random_keys(feature_dim, queue_size))  # D x K1
         self.register_buffer("queue_adv", self._random_keys(feature_dim, queue_size_adv))  # D x K2
-        self.register_buffer("ptr_clean", torch.zeros((), dtype=torch.long))
-        self.register_buffer("ptr_adv", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ptr_clean", torch.zeros((), dtype=torch.long))  # device-ok: moved with the module
+        self.register_buffer("ptr_adv", torch.zeros((), dtype=torch.long))  # device-ok: moved with the module
 
     def _random_keys(self, dim: int, size: int) -> torch.Tensor:
-        return F.normalize(torch.randn(dim, size), dim=0) / math.sqrt(self.temperature)
+        keys = torch.randn(dim, size)  # device-ok: at init, the seeded default generator; moved with the module
+        return F.normalize(keys, dim=0) / math.sqrt(self.temperature)
 
     @property
     def encoder(self) -> Encoder:

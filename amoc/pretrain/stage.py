@@ -81,9 +81,11 @@ def _pow2_below(n: int) -> int:
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The image order of an epoch: a permutation that depends on (seed, epoch) only,
-    so a run resumed mid-epoch replays it without storing it."""
+    so a run resumed mid-epoch replays it without storing it. Drawn on the CPU whatever
+    the run's device: the same order on every device (the caller moves it)."""
     mixed = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]  # well-spread 64-bit seed
-    return torch.randperm(n, generator=torch.Generator().manual_seed(int(mixed)))
+    generator = torch.Generator(device="cpu").manual_seed(int(mixed))
+    return torch.randperm(n, generator=generator, device="cpu")
 
 
 def run_fingerprint(cfg: Config, rt: Runtime, stats: dict[str, Any]) -> str:
