@@ -59,8 +59,11 @@ class Stage:
 
 
 def normalise(cmd: str) -> str:
-    """One line, single spaces, without Snakemake's `> logs/x.log 2>&1` redirection."""
+    """One line, single spaces, without Snakemake's `> logs/x.log 2>&1` redirection nor
+    the `python3 .../gpu_slot.py N --` that gives a Snakemake GPU job its own cards
+    (tests/pipeline/test_workflow_gpu.py; DVC runs one stage at a time)."""
     cmd = re.sub(r"\s*>\s*logs/\S+\.log\s+2>&1\s*$", "", cmd.strip())
+    cmd = re.sub(r"^python3 \S*gpu_slot\.py (?:--ids \S+ )?\d+ -- ", "", cmd)
     return " ".join(cmd.split())
 
 
@@ -152,12 +155,13 @@ def snakemake_side(*extra: str, root: Path = REPO) -> dict[str, Stage]:
         )
         cmd = normalise(job["cmd"])
         assert cmd not in stages, f"two jobs run {cmd!r}"
-        # `launcher` (amoc or torchrun) is how a job starts, not a params.yaml key
+        # `launcher` (amoc or torchrun) and `gpu_slot` (its cards) are how a job starts,
+        # not params.yaml keys
         stages[cmd] = Stage(
             job["rule"],
             tuple(sorted(job["input"])),
             tuple(sorted(job["output"])),
-            tuple(sorted(set(rules[job["rule"]]["params"]) - {"launcher"})),
+            tuple(sorted(set(rules[job["rule"]]["params"]) - {"launcher", "gpu_slot"})),
         )
     return stages
 
@@ -486,7 +490,7 @@ def test_gpus_config_launches_the_training_jobs_through_torchrun_on_one_node():
     launched = {
         job["rule"]
         for job in jobs
-        if job["cmd"] and job["cmd"].startswith("torchrun --standalone --nproc_per_node 4 -m amoc ")
+        if job["cmd"] and normalise(job["cmd"]).startswith("torchrun --standalone --nproc_per_node 4 -m amoc ")
     }
     assert launched == set(TRAINING)
     # the same commands otherwise: the stages stay equal to dvc.yaml's, up to the launcher

@@ -1,5 +1,8 @@
 # Shared by the rules. Kept tiny: the rules should read like their dvc.yaml stages.
+import os
+import shlex
 from functools import reduce
+from pathlib import Path
 
 MODELS = ["slf", "alf", "aff", "scratch"]  # every classifier that is evaluated
 
@@ -27,6 +30,34 @@ class Launcher:
 
 
 LAUNCHER = Launcher()
+
+
+# Every job that asks for gpu=N starts through workflow/scripts/gpu_slot.py, which claims
+# N cards nobody else holds (a lock per card under .snakemake/gpu-slots/), sets
+# CUDA_VISIBLE_DEVICES to them and runs the command: `--resources gpu=4` on a 4-GPU
+# machine runs four gpu=1 jobs on four cards, not four on cuda:0. The cards are
+# `--config gpu_ids=0,1,2,3` if given, else the parent's CUDA_VISIBLE_DEVICES (SLURM's, in
+# a SLURM job), else nvidia-smi's. Without GPUs it runs the command as it is.
+GPU_SLOT = Path(workflow.basedir) / "workflow" / "scripts" / "gpu_slot.py"
+GPU_IDS = config.get("gpu_ids")
+
+
+def gpu_slot(wildcards, resources):
+    """`python3 workflow/scripts/gpu_slot.py [--ids ...] N --`, N = the job's gpu resource.
+
+    Passed to the shell through `params: gpu_slot=gpu_slot`. A function of `resources`:
+    N is what the scheduler reserved (a --set-resources override included), and
+    Snakemake leaves such derived params out of its params trigger, so neither the cards
+    nor the script's location re-runs anything."""
+    script = os.path.relpath(GPU_SLOT)  # from the working directory, where the job runs
+    if script.startswith(".."):
+        script = str(GPU_SLOT)
+    words = ["python3", script]
+    if GPU_IDS is not None:
+        ids = GPU_IDS if isinstance(GPU_IDS, (list, tuple)) else [GPU_IDS]
+        words += ["--ids", ",".join(str(i).strip() for i in ids)]
+    words += [str(int(getattr(resources, "gpu", 0))), "--"]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def cfg(*keys):

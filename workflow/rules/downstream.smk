@@ -16,6 +16,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
     params:
         **cfg("seed", "probe", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,
+        gpu_slot=gpu_slot,
     log:
         "logs/probe_{mode}.log",
     threads: 4
@@ -24,7 +25,7 @@ rule probe:  # linear heads on the frozen encoder: SLF (clean) and ALF (adversar
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{params.launcher} probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
+        "{params.gpu_slot} {params.launcher} probe --params params.yaml --set seed={params.seed} --mode {wildcards.mode}"
         " --encoder runs/pretrain/encoder.pt --data data/prepared --out runs/{wildcards.mode} --resume > {log} 2>&1"
 
 
@@ -40,6 +41,7 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
     params:
         **cfg("seed", "finetune", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,  # no `model`: encoder.pt carries it
+        gpu_slot=gpu_slot,
     log:
         "logs/finetune_aff.log",
     threads: 4
@@ -48,7 +50,7 @@ rule finetune_aff:  # adversarial full fine-tuning of the pre-trained encoder
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{params.launcher} finetune --params params.yaml --set seed={params.seed}"
+        "{params.gpu_slot} {params.launcher} finetune --params params.yaml --set seed={params.seed}"
         " --init runs/pretrain/encoder.pt --data data/prepared --out runs/aff --resume > {log} 2>&1"
 
 
@@ -63,6 +65,7 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
     params:
         **cfg("seed", "finetune", "model.arch", "model.width", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,
+        gpu_slot=gpu_slot,
     log:
         "logs/finetune_scratch.log",
     threads: 4
@@ -71,5 +74,5 @@ rule finetune_scratch:  # the same adversarial training from a random init: the 
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{params.launcher} finetune --params params.yaml --set seed={params.seed}"
+        "{params.gpu_slot} {params.launcher} finetune --params params.yaml --set seed={params.seed}"
         " --init scratch --data data/prepared --out runs/scratch --resume > {log} 2>&1"

@@ -11,6 +11,7 @@ rule evaluate:  # clean, PGD-20 and AutoAttack accuracy, plus accuracy against e
         model="|".join(MODELS),
     params:
         **cfg("seed", "evaluate", "runtime.precision"),
+        gpu_slot=gpu_slot,
     log:
         "logs/evaluate_{model}.log",
     threads: 4
@@ -19,5 +20,5 @@ rule evaluate:  # clean, PGD-20 and AutoAttack accuracy, plus accuracy against e
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc evaluate --params params.yaml --set seed={params.seed}"
+        "{params.gpu_slot} amoc evaluate --params params.yaml --set seed={params.seed}"
         " --model runs/{wildcards.model}/classifier.pt --data data/prepared --out runs/{wildcards.model}/eval > {log} 2>&1"

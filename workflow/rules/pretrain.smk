@@ -13,6 +13,7 @@ rule pretrain:
     params:
         **cfg("variant", "queue_size", "leverage", "seed", "model", "pretrain", "distributed", "runtime.precision", "runtime.attack_precision"),
         launcher=LAUNCHER,
+        gpu_slot=gpu_slot,
     log:
         "logs/pretrain.log",
     threads: 4  # a scheduling hint (SLURM cpus-per-task); amoc sets torch's from runtime.threads
@@ -21,6 +22,6 @@ rule pretrain:
     conda:
         "../envs/amoc.yaml"
     shell:
-        "{params.launcher} pretrain --params params.yaml --set variant={params.variant} --set queue_size={params.queue_size}"
+        "{params.gpu_slot} {params.launcher} pretrain --params params.yaml --set variant={params.variant} --set queue_size={params.queue_size}"
         " --set leverage={params.leverage} --set seed={params.seed}"
         " --data data/prepared --out runs/pretrain --resume > {log} 2>&1"

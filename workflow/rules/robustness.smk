@@ -28,6 +28,7 @@ rule evaluate_corruptions:  # accuracy per corruption x severity, mean, relative
         model="|".join(MODELS),
     params:
         **cfg("seed", "evaluate.batch_size", "runtime.precision"),
+        gpu_slot=gpu_slot,
     log:
         "logs/evaluate_corruptions_{model}.log",
     threads: 4
@@ -36,7 +37,7 @@ rule evaluate_corruptions:  # accuracy per corruption x severity, mean, relative
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc evaluate --params params.yaml --set seed={params.seed} --model runs/{wildcards.model}/classifier.pt"
+        "{params.gpu_slot} amoc evaluate --params params.yaml --set seed={params.seed} --model runs/{wildcards.model}/classifier.pt"
         " --data data/prepared --corruptions data/corrupted --out runs/{wildcards.model}/corruptions > {log} 2>&1"
 
 
@@ -50,6 +51,7 @@ rule transfer:  # black-box check: PGD-20 examples of each source model scored o
         "runs/transfer/transfer.csv",
     params:
         **cfg("seed", "transfer", "evaluate.batch_size", "runtime.precision"),
+        gpu_slot=gpu_slot,
     log:
         "logs/transfer.log",
     threads: 4
@@ -58,5 +60,5 @@ rule transfer:  # black-box check: PGD-20 examples of each source model scored o
     conda:
         "../envs/amoc.yaml"
     shell:
-        "amoc transfer --params params.yaml --set seed={params.seed} --runs runs --models " + " ".join(MODELS) +
+        "{params.gpu_slot} amoc transfer --params params.yaml --set seed={params.seed} --runs runs --models " + " ".join(MODELS) +
         " --data data/prepared --out runs/transfer > {log} 2>&1"
