@@ -74,6 +74,11 @@ class AugmentConfig:
         doc="0 = PIL's GaussianBlur(radius=sigma), full support (the authors'); "
         "odd k = torchvision's truncated GaussianBlur(k)",
     )
+    # the crop's resize filter: torchvision's antialiased bilinear, or bicubic (ACL's PIL BICUBIC)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # crop_first: crop, flip, jitter, grayscale, blur (SimCLR, AMOC, ACL); color_first:
+    # jitter, grayscale, then flip and crop (RoCL's order)
+    order: Literal["crop_first", "color_first"] = "crop_first"
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,50 @@ class DistributedConfig:
     reference_batch: int = spec(256, lo=1, doc="the batch size at which lr is the configured value")
 
 
+METHOD_NAMES = {"amoc": "AMOC", "acl": "ACL", "rocl": "RoCL"}  # pretrain.method -> as papers and tables write it
+
+
+@dataclass(frozen=True)
+class ACLConfig:
+    """ACL (Jiang et al. 2020), its released DS variant (docs/methods.md): LARS, in-batch
+    NT-Xent, a dual-BN projector, PGD-5 on both views."""
+
+    lr: float = spec(5.0, lo=0.0, lo_open=True, doc="LARS learning rate (peak of the warm-up + cosine schedule)")
+    momentum: float = spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = spec(1e-6, lo=0.0)
+    trust: float = spec(1e-3, lo=0.0, lo_open=True, doc="LARS trust coefficient")
+    temperature: float = spec(0.5, lo=0.0, lo_open=True)
+    projector: list[int] = spec([512, 512, 512], lo=1, doc="output sizes of the projector's layers")
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_scale=[0.1, 1.0], blur_p=0.0, interpolation="bicubic")
+    )
+
+
+@dataclass(frozen=True)
+class RoCLConfig:
+    """RoCL (Kim et al. 2020, docs/methods.md): one BN, the instance-wise attack on one
+    view, NT-Xent over (t1, t2, adversarial t1) plus a regulariser, LARS."""
+
+    lr: float = spec(1.5, lo=0.0, lo_open=True, doc="LARS learning rate (peak: their 0.1 x 15)")
+    momentum: float = spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = spec(1e-6, lo=0.0)
+    trust: float = spec(1e-3, lo=0.0, lo_open=True, doc="LARS trust coefficient")
+    temperature: float = spec(0.5, lo=0.0, lo_open=True)
+    regularizer: float = spec(1 / 256, lo=0.0, doc="weight of NT-Xent(adversarial, t2) (their 1/lamda, lamda 256)")
+    projector: list[int] = spec([2048, 128], lo=1, doc="output sizes of the projector's layers")
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(step_ratio=0.223125, steps=7))  # step 0.007
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_scale=[0.08, 1.0], blur_p=0.0, order="color_first")
+    )
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
+    # amoc | acl | rocl. epochs, batch_size, warmup_epochs and the k-NN monitor are shared;
+    # lr, momentum, weight_decay, enqueue_order, attack and augment below are AMOC's,
+    # and ACL's and RoCL's own settings are in pretrain.acl and pretrain.rocl.
+    method: Literal["amoc", "acl", "rocl"] = "amoc"
     epochs: int = spec(200, lo=1)
     batch_size: int = spec(256, lo=2)
     lr: float = spec(0.1, lo=0.0, lo_open=True)
@@ -136,6 +183,8 @@ class PretrainConfig:
     checkpoint_every: int = spec(10, lo=1, doc="epochs between checkpoints")
     knn_k: int = spec(200, lo=1)
     knn_every: int = spec(0, lo=0, doc="epochs between k-NN probes (0 = only at the end)")
+    acl: ACLConfig = field(default_factory=ACLConfig)
+    rocl: RoCLConfig = field(default_factory=RoCLConfig)
 
 
 @dataclass(frozen=True)
@@ -384,7 +433,7 @@ def _cross_checks(cfg: Config) -> Config:
     cfg = dataclasses.replace(cfg, variant=variant)
     p = cfg.pretrain
     for name, size in (("queue_size", cfg.queue_size), ("pretrain.queue_size_adv", cfg.queue_size_adv)):
-        if size < p.batch_size:
+        if size < p.batch_size and p.method == "amoc":  # the other methods have no queue
             raise ConfigError(
                 f"{name}: {size} is smaller than pretrain.batch_size={p.batch_size}; a queue must hold at least "
                 "one batch of keys (raise it or lower pretrain.batch_size)"
@@ -394,25 +443,11 @@ def _cross_checks(cfg: Config) -> Config:
             f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the "
             "number of epochs"
         )
-    for name in ("crop_scale", "crop_ratio", "blur_sigma"):
-        pair = getattr(p.augment, name)
-        if len(pair) != 2 or pair[0] > pair[1]:
-            raise ConfigError(
-                f"pretrain.augment.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high"
-            )
-    if len(p.augment.jitter) != 4:
-        raise ConfigError(
-            f"pretrain.augment.jitter: {_fmt(p.augment.jitter)} needs 4 values: brightness, contrast, saturation, hue"
-        )
-    if p.augment.jitter[3] > 0.5:
-        raise ConfigError(
-            f"pretrain.augment.jitter[3]: {p.augment.jitter[3]:g} is out of range; hue jitter allowed [0, 0.5]"
-        )
-    if p.augment.blur_kernel > 0 and p.augment.blur_kernel % 2 == 0:
-        raise ConfigError(
-            f"pretrain.augment.blur_kernel: {p.augment.blur_kernel} is even; use 0 (PIL's full-support blur, "
-            "the default) or an odd kernel size such as 3"
-        )
+    for key, augment in (("", p), ("acl.", p.acl), ("rocl.", p.rocl)):
+        _check_augment(f"pretrain.{key}augment", augment.augment)
+    for key, dims in (("pretrain.acl.projector", p.acl.projector), ("pretrain.rocl.projector", p.rocl.projector)):
+        if not dims:
+            raise ConfigError(f"{key}: [] has no layer; give the output size of each layer, e.g. [512, 512, 512]")
     for section, stage in (("probe", cfg.probe), ("finetune", cfg.finetune)):
         ms = stage.milestones
         if list(ms) != sorted(ms) or any(m > stage.epochs for m in ms):
@@ -439,6 +474,22 @@ def _cross_checks(cfg: Config) -> Config:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"runtime.device: {_fmt(dev)} is not a device; use auto, cpu, cuda or cuda:N")
     return cfg
+
+
+def _check_augment(key: str, augment: AugmentConfig) -> None:
+    for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        pair = getattr(augment, name)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"{key}.{name}: {_fmt(pair)} is not a range; expected [low, high] with low <= high")
+    if len(augment.jitter) != 4:
+        raise ConfigError(f"{key}.jitter: {_fmt(augment.jitter)} needs 4 values: brightness, contrast, saturation, hue")
+    if augment.jitter[3] > 0.5:
+        raise ConfigError(f"{key}.jitter[3]: {augment.jitter[3]:g} is out of range; hue jitter allowed [0, 0.5]")
+    if augment.blur_kernel > 0 and augment.blur_kernel % 2 == 0:
+        raise ConfigError(
+            f"{key}.blur_kernel: {augment.blur_kernel} is even; use 0 (PIL's full-support blur, "
+            "the default) or an odd kernel size such as 3"
+        )
 
 
 def from_dict(raw: Any) -> Config:

@@ -70,11 +70,12 @@ from common import cpu_name, pil_pipeline
 
 from amoc import config as config_mod
 from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
+from amoc.pretrain.amoc import make_optimizer
 from amoc.pretrain.attack import ContrastiveAttack
 from amoc.pretrain.augment import SimCLRAugment
 from amoc.pretrain.losses import info_nce
 from amoc.pretrain.moco import build_moco
-from amoc.pretrain.stage import epoch_order, make_optimizer
+from amoc.pretrain.stage import epoch_order
 from amoc.pretrain.step import TrainStep
 from amoc.pretrain.variants import Variant
 from amoc.runtime import eval_mode, setup

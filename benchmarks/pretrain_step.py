@@ -64,9 +64,9 @@ from common import cpu_name
 
 from amoc import config as config_mod
 from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD
+from amoc.pretrain.amoc import make_optimizer
 from amoc.pretrain.attack import ContrastiveAttack
 from amoc.pretrain.moco import QueryPass, build_moco
-from amoc.pretrain.stage import make_optimizer
 from amoc.pretrain.step import TrainStep
 from amoc.pretrain.variants import Variant
 from amoc.runtime import eval_mode, frozen, setup

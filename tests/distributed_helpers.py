@@ -88,7 +88,7 @@ def pretrain_worker(
     CheckpointManager.save = save
     with session("cpu") as dist:
         pt = Pretraining(cfg, Path(data), Path(out) / f"rank{rank}", dist)
-        gather, add = pt.step.gather, pt.log.add
+        gather, add = getattr(pt.step, "gather", None), pt.log.add  # AMOC's queue gather
 
         def recording_gather(keys: torch.Tensor) -> torch.Tensor:
             gathered = gather(keys)
@@ -100,7 +100,9 @@ def pretrain_worker(
             seen["losses"].append({k: float(v) for k, v in losses.items()})
             add(losses, lr)
 
-        pt.step.gather, pt.log.add = recording_gather, recording_add
+        pt.log.add = recording_add
+        if gather is not None:
+            pt.step.gather = recording_gather
         pt.run()
         state = {k: v.detach().clone() for k, v in pt.model.state_dict().items()}
     torch.save({**seen, "state": state, "collectives": dict(CALLS)}, Path(report) / f"rank{rank}.pt")

@@ -92,6 +92,14 @@ class Dist:
         channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
         return whole.contiguous(memory_format=torch.channels_last) if channels_last else whole
 
+    def gather_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """`gather` through which gradients flow back to every rank's `t`: the gradient a
+        rank receives for its `t` is the sum over the ranks of the gradients of their
+        gathered copies. With each rank's loss over its own anchors and every rank's
+        keys, that is the gradient of the global batch's loss (in-batch negatives across
+        ranks: ACL, RoCL). Keep `t`'s rows equal on every rank."""
+        return _GatherGrad.apply(t) if self.active else t
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return t
@@ -138,6 +146,26 @@ class Dist:
             device_ids=[torch.cuda.current_device()] if on_cuda else None,
             find_unused_parameters=find_unused_parameters,
         )
+
+
+class _GatherGrad(torch.autograd.Function):
+    """all_gather forward; backward: the summed gradient of every rank's copy of this
+    rank's rows (an all_reduce, which gloo and NCCL both have, then this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        sent = t.contiguous()
+        parts = [torch.empty_like(sent, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, sent)
+        ctx.rows = t.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rank = dist.get_rank()
+        return grad[rank * ctx.rows : (rank + 1) * ctx.rows]
 
 
 def _collective_device() -> torch.device:

@@ -3,8 +3,8 @@
 - ``sync``: every training-mode BN normalises with the statistics of the whole global
   batch, exactly as one process with that batch would (the paper's setting). On CUDA this
   is torch's ``nn.SyncBatchNorm``; torch refuses it on the CPU, so gloo runs (tests,
-  CPU clusters) use :class:`GlobalBatchNorm2d`, the same computation with two
-  differentiable all-reduces.
+  CPU clusters) use :class:`GlobalBatchNorm2d` (and :class:`GlobalBatchNorm1d` for a
+  projector's BN), the same computation with two differentiable all-reduces.
 - ``shuffle``: MoCo's shuffle-BN for the key net (:class:`ShuffledKeys`); the query net
   keeps per-rank statistics.
 - ``local``: per-rank statistics everywhere (cheapest; batch statistics over B / N).
@@ -33,41 +33,54 @@ warnings.filterwarnings(
 )
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics span every rank's batch.
+class _GlobalStatistics:
+    """BatchNorm whose training-mode statistics span every rank's batch (mixed into
+    nn.BatchNorm1d / 2d, statistics over every dimension but the channels).
 
     Two-pass and differentiable: the global mean from an all-reduce of per-channel sums
     and counts, then the global biased variance from an all-reduce of squared deviations.
     The all-reduces' backward sums the gradients of the statistics over the ranks, which
     is what DDP's gradient averaging needs to reproduce the gradient of the global batch.
-    Running statistics are updated as nn.BatchNorm2d does (unbiased variance)."""
+    Running statistics are updated as nn.BatchNorm does (unbiased variance)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         c = x.shape[1]
+        dims = (0, *range(2, x.dim()))
+        shape = (1, c) + (1,) * (x.dim() - 2)
         xf = x.float()
         count = torch.tensor([xf.numel() // c], dtype=xf.dtype, device=xf.device)
-        sums = dist_fn.all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), count]))
+        sums = dist_fn.all_reduce(torch.cat([xf.sum(dim=dims), count]))
         n = sums[c].detach()
         mean = sums[:c] / n
-        centred = xf - mean.view(1, c, 1, 1)
-        var = dist_fn.all_reduce(centred.square().sum(dim=(0, 2, 3))) / n
+        centred = xf - mean.view(shape)
+        var = dist_fn.all_reduce(centred.square().sum(dim=dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), factor)
                 self.running_var.lerp_(var.detach() * n / max(float(n) - 1, 1.0), factor)
-        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
+class GlobalBatchNorm2d(_GlobalStatistics, nn.BatchNorm2d):
+    """Convolutional BN with global statistics (the encoder's)."""
+
+
+class GlobalBatchNorm1d(_GlobalStatistics, nn.BatchNorm1d):
+    """B x C BN with global statistics (ACL's projector)."""
+
+
 def _to_global(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        new = GlobalBatchNorm2d(
+    kinds = ((nn.BatchNorm2d, GlobalBatchNorm2d), (nn.BatchNorm1d, GlobalBatchNorm1d))
+    glob = next((g for plain, g in kinds if isinstance(module, plain)), None)
+    if glob is not None and not isinstance(module, _GlobalStatistics):
+        new = glob(
             module.num_features,
             module.eps,
             module.momentum,

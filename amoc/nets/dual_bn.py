@@ -12,11 +12,15 @@ from torch import nn
 Branch = Literal["clean", "adv"]
 
 
-class DualBatchNorm2d(nn.Module):
-    def __init__(self, num_features: int) -> None:
+class DualBatchNorm(nn.Module):
+    """Two BN layers, `clean` and `adv`, and a switch that picks one for every forward."""
+
+    norm: type[nn.modules.batchnorm._BatchNorm] = nn.BatchNorm2d
+
+    def __init__(self, num_features: int, affine: bool = True) -> None:
         super().__init__()
-        self.clean = nn.BatchNorm2d(num_features)
-        self.adv = nn.BatchNorm2d(num_features)
+        self.clean = self.norm(num_features, affine=affine)
+        self.adv = self.norm(num_features, affine=affine)
         self.branch: Branch = "clean"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,18 +30,28 @@ class DualBatchNorm2d(nn.Module):
         return f"branch={self.branch}"
 
 
+class DualBatchNorm2d(DualBatchNorm):
+    """Dual BN of a convolutional encoder (B x C x H x W)."""
+
+
+class DualBatchNorm1d(DualBatchNorm):
+    """Dual BN of a projector (B x D): ACL's BN projector."""
+
+    norm = nn.BatchNorm1d
+
+
 def set_bn_branch(model: nn.Module, branch: Branch) -> None:
     if branch not in ("clean", "adv"):
         raise ValueError(f"BN branch must be 'clean' or 'adv', got {branch!r}")
     for m in model.modules():
-        if isinstance(m, DualBatchNorm2d):
+        if isinstance(m, DualBatchNorm):
             m.branch = branch
 
 
 @contextlib.contextmanager
 def bn_branch(model: nn.Module, branch: Branch) -> Iterator[nn.Module]:
     """Run a block with every dual BN of `model` on `branch`, then restore."""
-    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm2d)]
+    duals = [m for m in model.modules() if isinstance(m, DualBatchNorm)]
     before = [m.branch for m in duals]
     set_bn_branch(model, branch)
     try:

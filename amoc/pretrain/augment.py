@@ -53,6 +53,12 @@ which is PIL's as the authors use it):
    std is about 0.8 px whatever sigma), reflect padding, applied as a sum of k
    shifted copies weighted per sample along each axis.
 
+Two knobs serve the baselines (docs/methods.md): ``interpolation: bicubic`` resizes the
+crop with torch's antialiased bicubic filter (Keys' cubic, a = -0.5: PIL's BICUBIC, which
+ACL uses) instead of bilinear, and ``order: color_first`` runs steps 3-4 on the whole
+image before the crop and flip (RoCL's order: ColorJitter, RandomGrayscale,
+RandomHorizontalFlip, RandomResizedCrop). ``blur_p: 0`` turns the blur off (both).
+
 Differences from torchvision (and PIL): float32 rounding only (about 1e-6 for
 crop/resize, blur and the blends, a few 1e-6 for hue; PIL's blur also rounds to uint8
 after each of its six box passes, which this float version does not: on real CIFAR-10
@@ -158,6 +164,7 @@ def resized_crop(
     out: Tensor | None = None,
     ws: Workspace = _fresh,
     compute_dtype: torch.dtype | None = None,
+    kernel: str = "bilinear",
 ) -> Tensor:
     """Per-sample crop ``[top, top+height) x [left, left+width)`` of ``images``
     (B x C x H x W, uint8 -> scaled to [0,1], or float), resized to ``size x size`` as
@@ -168,7 +175,8 @@ def resized_crop(
     crop is upsampled along H, and bilinear upsampling reads 2 rows per output row, so
     the rows are gathered (``index_select`` of whole rows) and blended; otherwise a dense
     B x size x H weight matrix is applied with a batched matmul. The columns always use
-    a batched matmul with ``interp_matrix`` (flip folded in). By default the matmuls run
+    a batched matmul with ``interp_matrix`` (flip folded in). ``kernel`` "bicubic" reads 4
+    rows per output row, so it always takes the matrix path. By default the matmuls run
     in float64 on CUDA: fp32 matmuls there may silently use TF32
     (torch.backends.cuda.matmul settings, which this module must neither read nor
     change), and the cost is negligible at these sizes; float32 elsewhere."""
@@ -182,7 +190,7 @@ def resized_crop(
         # one conversion up front: CPU kernels given mixed dtypes make converted copies
         images = ws("crop_in", (b, c, h, w), ref).copy_(images)
     y = ws("crop_rows", (b, c, size, w), ref)  # the crop's rows resized to `size`
-    if h <= size:
+    if h <= size and kernel == "bilinear":
         length = height.to(dtype)[:, None]  # B x 1
         o = torch.arange(size, device=images.device, dtype=dtype)[None, :]
         src = ((o + 0.5) * (length / size) - 0.5).clamp_(min=0.0)  # B x S, in crop rows
@@ -203,10 +211,10 @@ def resized_crop(
         w0 = ((1.0 - frac) * unit).view(b, 1, size, 1)
         torch.mul(y0.view(b, c, size, w), w0, out=y).addcmul_(y1.view(b, c, size, w), w1)
     else:
-        ry = interp_matrix(top, height, h, size, scale=unit).to(dtype)
+        ry = interp_matrix(top, height, h, size, scale=unit, kernel=kernel).to(dtype)
         rows = ws("crop_ry", (b, c, size, h), ref).copy_(ry.unsqueeze(1).expand(b, c, size, h))
         torch.bmm(rows.view(b * c, size, h), images.view(b * c, h, w), out=y.view(b * c, size, w))
-    rx = interp_matrix(left, width, w, size, flip=flip, out=ws("crop_rx", (b, size, w), ref.float()))
+    rx = interp_matrix(left, width, w, size, flip=flip, out=ws("crop_rx", (b, size, w), ref.float()), kernel=kernel)
     if dtype == torch.float32:
         torch.bmm(y.view(b, c * size, w), rx.transpose(1, 2), out=out.view(b, c * size, size))
     else:
@@ -222,13 +230,15 @@ def interp_matrix(
     scale: float = 1.0,
     flip: Tensor | None = None,
     out: Tensor | None = None,
+    kernel: str = "bilinear",
 ) -> Tensor:
     """B x out_size x in_size weights that resize ``[start, start+length)`` of an axis
     of ``in_size`` pixels to ``out_size`` pixels: torch's antialiased bilinear filter
     (``interpolate(mode="bilinear", align_corners=False, antialias=True)``, which
-    torchvision's resized_crop uses) applied to the crop only. ``scale`` multiplies
-    every weight (used to fold in 1/255); where ``flip`` (B, bool) is true the output
-    is mirrored (rows in reverse order)."""
+    torchvision's resized_crop uses) applied to the crop only, or with ``kernel``
+    "bicubic" its antialiased bicubic one (Keys' cubic with a = -0.5, support 2, as PIL's
+    BICUBIC). ``scale`` multiplies every weight (used to fold in 1/255); where ``flip``
+    (B, bool) is true the output is mirrored (rows in reverse order)."""
     start = start.to(torch.float32)[:, None, None]
     length = length.to(torch.float32)[:, None, None]
     dev = start.device
@@ -241,7 +251,15 @@ def interp_matrix(
     rel = torch.arange(in_size, device=dev, dtype=torch.float32)[None, None, :] - start
     inside = ((rel >= 0) & (rel < length)).to(torch.float32)  # B x 1 x in_size
     w = torch.sub(rel + 0.5, centre, out=out)  # B x S x in_size
-    w.div_(support).abs_().neg_().add_(1.0).clamp_(min=0.0).mul_(inside)
+    if kernel == "bicubic":
+        d = w.div_(support).abs_()
+        near = ((1.5 * d - 2.5) * d) * d + 1.0  # |d| <= 1: (a + 2)|d|^3 - (a + 3)|d|^2 + 1
+        far = ((-0.5 * d + 2.5) * d - 4.0) * d + 2.0  # 1 < |d| < 2: a|d|^3 - 5a|d|^2 + 8a|d| - 4a
+        w = torch.where(d <= 1.0, near, torch.where(d < 2.0, far, 0.0)).mul_(inside)
+    elif kernel == "bilinear":
+        w.div_(support).abs_().neg_().add_(1.0).clamp_(min=0.0).mul_(inside)
+    else:
+        raise ValueError(f"kernel must be 'bilinear' or 'bicubic', got {kernel!r}")
     return w.mul_(scale / w.sum(-1, keepdim=True))
 
 
@@ -619,25 +637,14 @@ class SimCLRAugment(nn.Module):
         like = images.new_empty((), dtype=torch.float32)
         out = torch.empty((b, 3, size, size), dtype=torch.float32, device=dev)  # the only new big tensor
 
-        # 1-2. crop + resize + flip
-        x = resized_crop(
-            images,
-            p["top"],
-            p["left"],
-            p["height"],
-            p["width"],
-            size,
-            flip=p["flip"] if self.use_flip else None,
-            out=out,
-            ws=ws,
-        )
-
-        # 3. colour jitter (clamped to [0,1] after each op, as torchvision).
-        if self.use_jitter:
-            self._jitter_(x, p)
-        # 4. grayscale.
-        if self.use_gray:
-            _put_(x, p["gray"], rgb_to_gray(x, out=ws("gray", (b, 1, size, size), like)))
+        if self.cfg.order == "color_first":  # RoCL: colour on the whole image, then flip and crop
+            full = ws("color_first", images.shape, like).copy_(images)
+            if images.dtype == torch.uint8:
+                full.div_(255.0)
+            self._color_(full, p)
+            x = self._crop(full, p, out)
+        else:  # 1-2. crop + resize + flip, then 3-4. colour jitter and grayscale
+            x = self._color_(self._crop(images, p, out), p)
         # 5. Gaussian blur (the identity where not blurred): PIL's, or torchvision's k-tap one.
         if self.use_blur and self.cfg.blur_kernel == 0:
             pil_gaussian_blur(x, p["sigma"], float(self.cfg.blur_sigma[1]), apply=p["blur"], out=x, ws=ws)
@@ -645,6 +652,30 @@ class SimCLRAugment(nn.Module):
             kernel = gaussian_kernels(p["sigma"], self.cfg.blur_kernel, apply=p["blur"])
             gaussian_blur(x, kernel, out=x, ws=ws)
         return x.clamp_(0.0, 1.0)
+
+    def _crop(self, images: Tensor, p: dict[str, Tensor], out: Tensor) -> Tensor:
+        """1-2. crop + resize (the configured filter) + flip, into ``out``."""
+        return resized_crop(
+            images,
+            p["top"],
+            p["left"],
+            p["height"],
+            p["width"],
+            self.size,
+            flip=p["flip"] if self.use_flip else None,
+            out=out,
+            ws=self._ws,
+            kernel=self.cfg.interpolation,
+        )
+
+    def _color_(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
+        """3. colour jitter (clamped to [0,1] after each op, as torchvision), 4. grayscale; in place."""
+        if self.use_jitter:
+            self._jitter_(x, p)
+        if self.use_gray:
+            b, _, h, w = x.shape
+            _put_(x, p["gray"], rgb_to_gray(x, out=self._ws("gray", (b, 1, h, w), x)))
+        return x
 
     def jitter_plan(self, p: dict[str, Tensor]) -> tuple[Tensor, int]:
         """The colour-jitter schedule: op ids of the blend passes (B x n; 0, 1, 2 =

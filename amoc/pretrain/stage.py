@@ -1,4 +1,8 @@
-"""`amoc pretrain`: AMOC pre-training of the query encoder (docs/pretrain.md).
+"""`amoc pretrain`: robust self-supervised pre-training of an encoder with the method of
+`pretrain.method` (AMOC by default, docs/pretrain.md; ACL, RoCL: docs/methods.md). The
+method (amoc.pretrain.methods) gives the model, optimiser, step and augmentation; this
+stage owns the data, the epochs and learning-rate schedule, resume, DDP, the k-NN
+monitor and the outputs.
 
 Outputs in ``--out``: encoder.pt (nets.store format), metrics.json (the headline: k-NN
 accuracy, the random-init encoder's k-NN accuracy, the final loss), summary.json (what
@@ -10,9 +14,10 @@ epoch's image order is a function of (seed, epoch) and every other random number
 comes from generators whose states the checkpoint holds.
 
 Under ``torchrun --nproc_per_node N`` the stage runs data-parallel (amoc.distributed):
-pretrain.batch_size is the global batch, DDP averages the query net's gradients, the
-keys of all ranks enter every rank's queues in rank order, BN follows distributed.bn,
-and rank 0 writes every file. A checkpoint resumes under any world size.
+pretrain.batch_size is the global batch, DDP averages the gradients, AMOC's keys of all
+ranks enter every rank's queues in rank order (ACL and RoCL gather every rank's
+embeddings as in-batch negatives), BN follows distributed.bn, and rank 0 writes every
+file. A checkpoint resumes under any world size.
 """
 
 from __future__ import annotations
@@ -29,24 +34,20 @@ import numpy as np
 import torch
 
 from amoc.checkpoint import CheckpointManager, fingerprint, rng_state, set_rng_state
-from amoc.config import Config, to_dict
+from amoc.config import METHOD_NAMES, Config, to_dict
 from amoc.data.prepared import load_split, load_stats
 from amoc.distributed import Dist, session
-from amoc.distributed.bn import ShuffledKeys, synchronise_bn
 from amoc.errors import ConfigError, DataError
 from amoc.io import RunLock, write_json
 from amoc.nets.store import save_encoder
-from amoc.pretrain.attack import ContrastiveAttack
 from amoc.pretrain.augment import SimCLRAugment
 from amoc.pretrain.knn import knn_accuracy
 from amoc.pretrain.log import EpochLog
-from amoc.pretrain.moco import MoCo, QueryPass, build_moco
-from amoc.pretrain.step import TrainStep
-from amoc.pretrain.variants import Variant
+from amoc.pretrain.methods import AMOC_ONLY, method_params
+from amoc.pretrain.methods import build as build_method
 from amoc.runtime import Runtime, setup
-from amoc.schedule import scaled_lr, set_lr, warmup_cosine
+from amoc.schedule import set_lr, warmup_cosine
 from amoc.stopping import check_finite_params
-from amoc.training.hot import freeze_unused_bn, hot
 from amoc.training.loop import Job, Loop
 
 COLLAPSE_TOLERANCE = 0.02  # nats: an epoch's mean L_clean this close to log(K+1) has learnt nothing
@@ -89,16 +90,11 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 def run_fingerprint(cfg: Config, rt: Runtime, stats: dict[str, Any]) -> str:
-    """Everything that changes the numbers a resumed run would produce."""
-    pretrain = {k: v for k, v in to_dict(cfg.pretrain).items() if k != "checkpoint_every"}
+    """Everything that changes the numbers a resumed run would produce: the params the
+    method reads (not another method's), the data, the seed and how it computes."""
     return fingerprint(
-        cfg.variant,
-        cfg.queue_size,
-        cfg.queue_size_adv,
-        cfg.leverage,
+        method_params(cfg),
         cfg.seed,
-        to_dict(cfg.model),
-        pretrain,
         stats,
         rt.device.type,
         str(rt.amp_dtype),
@@ -109,24 +105,6 @@ def run_fingerprint(cfg: Config, rt: Runtime, stats: dict[str, Any]) -> str:
     )
 
 
-def make_optimizer(model: MoCo, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """SGD on every query-net parameter, weight decay on all of them (the authors' choice:
-    BN affine and biases included)."""
-    p = cfg.pretrain
-    return torch.optim.SGD(
-        model.query.parameters(),
-        lr=base_lr(cfg),
-        momentum=p.momentum,
-        weight_decay=p.weight_decay,
-        fused=True if device.type == "cuda" else None,
-    )
-
-
-def base_lr(cfg: Config) -> float:
-    p, d = cfg.pretrain, cfg.distributed
-    return scaled_lr(p.lr, p.batch_size, d.lr_scaling, d.reference_batch)
-
-
 def run(cfg: Config, args: Any) -> int:
     start = time.perf_counter()
     out = Path(args.out)
@@ -135,11 +113,12 @@ def run(cfg: Config, args: Any) -> int:
             metrics = Pretraining(cfg, Path(args.data), out, dist).run(resume=args.resume)
     if not dist.main:
         return 0
+    name = cfg.variant if cfg.pretrain.method == "amoc" else METHOD_NAMES[cfg.pretrain.method]
     print(
-        f"amoc pretrain: {cfg.variant}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
+        f"amoc pretrain: {name}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
         f"(random-init encoder {metrics['knn_random_acc']:.4f}; {metrics['knn_bn_branch']} BN), final loss "
-        f"{metrics['loss']:.3f} (log(K+1) = {metrics['log_k_plus_1']:.3f}), {metrics['images_per_s']:.1f} "
-        f"images/s -> {out} "
+        f"{metrics['loss']:.3f} ({metrics['chance_label']} = {metrics['chance_loss']:.3f}), "
+        f"{metrics['images_per_s']:.1f} images/s -> {out} "
         f"({time.perf_counter() - start:.1f} s)"
     )
     return 0
@@ -162,51 +141,23 @@ class Pretraining(Job):
                 f"{dist.world} processes; use a multiple of {dist.world}"
             )
         self.epochs, self.batch_size = p.epochs, p.batch_size
-        self.variant = Variant.parse(cfg.variant)
         self.rt = rt = setup(cfg.runtime, cfg.seed, dist, stage="pretrain")
+        if p.method != "amoc" and dist.main:
+            print(
+                f"amoc pretrain: method {p.method}: {', '.join(AMOC_ONLY)} and model.hidden_dim/feature_dim/"
+                f"temperature/key_momentum are AMOC's and ignored; its settings are pretrain.{p.method}",
+                flush=True,
+            )
         self.data = load_data(data, rt.device, p.batch_size)
         self.steps_per_epoch = len(self.data.train_x) // p.batch_size  # the incomplete last batch is dropped
-        self.model = model = rt.prepare(build_moco(cfg, self.data.stats["mean"], self.data.stats["std"])).train()
-        model.query = synchronise_bn(model.query, dist, cfg.distributed.bn)
-        model.key = synchronise_bn(model.key, dist, cfg.distributed.bn)
-        self.optimizer = make_optimizer(model, cfg, rt.device)
-        self.base_lr = base_lr(cfg)  # the schedule's peak
-        # runtime.compile: the step's three kinds of forwards (the attack's, the key net's,
-        # the query net's training pass) each get a compiled callable of their own, for the
-        # step's fixed shapes (amoc.training.hot); the k-NN monitor runs the eager encoder.
-        attack = ContrastiveAttack(
-            model,
-            self.variant,
-            p.attack,
-            autocast=rt.attack_autocast,
-            dist=dist,
-            embed=hot(model.embed, rt, "attack"),
-        )
-        if not self.variant.adv_query:
-            # The query pass never runs the query net's adv BN (CCC, CAC, CAA): frozen, it
-            # leaves DDP no unused parameter to wait for, so DDP needs no find_unused_parameters
-            # search every step. Its values do not change (SGD skips it either way).
-            freeze_unused_bn(model.query, "clean")
-        query_pass = dist.wrap(QueryPass(model))
-        keys = hot(model.keys, rt, "keys")
-        shuffled = ShuffledKeys(keys, dist) if dist.active and cfg.distributed.bn == "shuffle" else None
-        self.step = TrainStep(
-            model,
-            self.variant,
-            self.optimizer,
-            attack,
-            leverage=cfg.leverage,
-            enqueue_order=p.enqueue_order,
-            autocast=rt.autocast,
-            query_pass=hot(query_pass, rt, "query_pass"),
-            keys=shuffled or (lambda x, branch, generator=None: keys(x, branch)),
-            gather=dist.gather,
-        )
+        self.method = method = build_method(cfg, self.data.stats, rt, dist)
+        self.model, self.optimizer, self.step = method.model, method.optimizer, method.step
+        self.base_lr = method.base_lr  # the schedule's peak
         # Holds no tensors: it works on the device of the images it is given.
-        self.augment = SimCLRAugment(p.augment, size=self.data.train_x.shape[-1])
+        self.augment = SimCLRAugment(method.augment, size=self.data.train_x.shape[-1])
         self.generator = rt.generator(cfg.seed)  # augmentation and attack noise
         self.checkpoints = CheckpointManager(out / "checkpoints", run_fingerprint(cfg, rt, self.data.stats))
-        self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=self.variant.has_adv_loss, dist=dist)
+        self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=method.has_adv_loss, dist=dist)
         self.order: torch.Tensor | None = None  # the current epoch's image order
         self.lr = 0.0
         self.clock = (0, time.perf_counter())
@@ -221,7 +172,7 @@ class Pretraining(Job):
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         self.log.check_finite(epoch=self.log_epoch, step=self.log.count)  # never checkpoint a NaN
-        check_finite_params(self.model.query, epoch=self.log_epoch)
+        check_finite_params(self.model, epoch=self.log_epoch)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -292,13 +243,14 @@ class Pretraining(Job):
         if ((p.knn_every and done % p.knn_every == 0) or done == p.epochs) and self.dist.main:
             knn = self.knn()  # eval mode, no collectives: the other ranks go on and wait at the next one
         row = self.log.end_epoch(done, images=self.steps_per_epoch * p.batch_size, seconds=seconds, knn_acc=knn)
-        chance = math.log(self.cfg.queue_size + 1)  # InfoNCE when the positive looks like every negative
+        chance = self.method.chance  # the loss when the positive looks like every negative
         if done > 1 and self.dist.main and abs(row["loss_clean"] - chance) < COLLAPSE_TOLERANCE:
+            hint = "lower model.key_momentum or raise" if self.cfg.pretrain.method == "amoc" else "raise"
             print(
-                f"warning: pretrain: epoch {done}'s loss_clean {row['loss_clean']:.3f} sits at log(K+1) = "
-                f"{chance:.3f}: "
-                "the key net cannot tell the positive from the negatives; lower model.key_momentum or raise "
-                "pretrain.epochs (docs/results.md)",
+                f"warning: pretrain: epoch {done}'s loss_clean {row['loss_clean']:.3f} sits at "
+                f"{self.method.chance_label} = {chance:.3f}, chance level: the encoder cannot tell the positive "
+                f"from the negatives; {hint} "
+                "pretrain.epochs (docs/results.md, docs/methods.md)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -307,11 +259,11 @@ class Pretraining(Job):
     def knn(self) -> float:
         d = self.data
         return knn_accuracy(
-            self.model.encoder,
+            self.method.encoder,
             (d.train_x, d.train_y),
             (d.test_x, d.test_y),
             k=self.cfg.pretrain.knn_k,
-            branch=self.variant.encoder_bn_branch,
+            branch=self.method.bn_branch,
             rt=self.rt,
             num_classes=d.stats.get("num_classes"),
         )
@@ -319,37 +271,36 @@ class Pretraining(Job):
     def finish(self) -> dict[str, Any]:
         """Write encoder.pt, metrics.json (the headline numbers DVC compares) and summary.json
         (what ran, how long); returns the summary."""
-        cfg, v = self.cfg, self.variant
+        cfg, method = self.cfg, self.method
         last = self.log.rows[-1]
         rows = self.log.rows
         seconds = sum(r["seconds"] for r in rows)
         metrics = {"knn_acc": last["knn_acc"], "knn_random_acc": self.knn_random, "loss": last["loss"]}
+        amoc_only = {"variant": None, "queue_size": None, "queue_size_adv": None, "leverage": None}
+        settings = {**amoc_only, **method.record}  # AMOC's keys are null for the other methods
         summary = {
-            "variant": v.name,
-            "queue_size": cfg.queue_size,
-            "queue_size_adv": cfg.queue_size_adv,
+            **{k: v for k, v in settings.items() if k != "leverage"},
             "epochs": len(rows),
             **metrics,
-            "knn_bn_branch": v.encoder_bn_branch,
+            "knn_bn_branch": method.bn_branch,
             "loss_clean": last["loss_clean"],
-            "loss_adv": last["loss_adv"] if v.has_adv_loss else None,
-            "log_k_plus_1": math.log(cfg.queue_size + 1),
+            "loss_adv": last["loss_adv"] if method.has_adv_loss else None,
+            "chance_loss": method.chance,
+            "chance_label": method.chance_label,
+            "log_k_plus_1": math.log(cfg.queue_size + 1) if cfg.pretrain.method == "amoc" else None,
             "seconds": seconds,
             "images_per_s": len(rows) * self.steps_per_epoch * cfg.pretrain.batch_size / max(seconds, 1e-9),
         }
         extra = {
-            "bn_branch": v.encoder_bn_branch,
-            "variant": v.name,
-            "queue_size": cfg.queue_size,
-            "queue_size_adv": cfg.queue_size_adv,
+            "bn_branch": method.bn_branch,
+            **settings,
             "epochs": len(rows),
             "seed": cfg.seed,
-            "leverage": cfg.leverage,
             "knn_acc": last["knn_acc"],
         }
         if self.dist.main:
             self.log.write()
-            save_encoder(self.out / "encoder.pt", self.model.encoder, extra=extra)
+            save_encoder(self.out / "encoder.pt", method.encoder, extra=extra)
             write_json(self.out / "metrics.json", metrics)
             write_json(self.out / "summary.json", summary)
         return summary

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from amoc.config import Config
+from amoc.config import METHOD_NAMES, Config
 from amoc.io import RunLock, write_text
 from amoc.report import robustness as robustness_plots
 from amoc.report.render import fmt, save_png
@@ -82,13 +82,15 @@ def collect_pretrain(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
         found.append(
             {
                 "run": folder.name,
-                "variant": m.get("variant", "?"),
+                "method": METHOD_NAMES.get(m.get("method", "amoc"), m.get("method")),  # older summaries: AMOC
+                "variant": m.get("variant") or "-",
                 "queue_size": m.get("queue_size"),
                 "epochs": m.get("epochs", None if log is None else len(log)),
                 "knn_acc": knn,
                 "knn_random_acc": _pct_knn(m.get("knn_random_acc")),
                 "loss": _num(m.get("loss")),
-                "log_k_plus_1": _num(m.get("log_k_plus_1")),
+                "chance": _num(m.get("chance_loss", m.get("log_k_plus_1"))),
+                "chance_label": m.get("chance_label", "log(K+1)"),
                 "log": log,
             }
         )
@@ -215,16 +217,22 @@ def model_table(models: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pretrain_label(r: dict[str, Any]) -> str:
+    """AMOC runs by variant and queue size, the other methods by name."""
+    return f"{r['variant']}, K={r['queue_size']}" if r["method"] == "AMOC" else r["method"]
+
+
 def pretrain_table(runs: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | variant | queue size | epochs | k-NN acc (%) | k-NN of the random-init encoder (%) "
-        "| final loss | log(K+1) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | method | variant | queue size | epochs | k-NN acc (%) | k-NN of the random-init encoder (%) "
+        "| final loss | chance-level loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['run']} | {r['variant']} | {fmt(r['queue_size'])} | {fmt(r['epochs'])} | {fmt(r['knn_acc'])} "
-            f"| {fmt(r['knn_random_acc'])} | {fmt(r['loss'], 4)} | {fmt(r['log_k_plus_1'], 4)} |"
+            f"| {r['run']} | {r['method']} | {r['variant']} | {fmt(r['queue_size'])} | {fmt(r['epochs'])} "
+            f"| {fmt(r['knn_acc'])} | {fmt(r['knn_random_acc'])} | {fmt(r['loss'], 4)} "
+            f"| {fmt(r['chance'], 4)} ({r['chance_label']}) |"
         )
     return "\n".join(lines)
 
@@ -377,11 +385,11 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
     else:
         notes.append("No eval.json: accuracy bar chart skipped.")
 
-    distinct = {(r["variant"], r["queue_size"]) for r in pretrain if r["knn_acc"] is not None}
+    distinct = {(r["method"], r["variant"], r["queue_size"]) for r in pretrain if r["knn_acc"] is not None}
     if len(distinct) > 1:
         pdata = pd.DataFrame(
             [
-                {"run": f"{r['variant']}, K={r['queue_size']} ({r['run']})", "knn_acc": r["knn_acc"]}
+                {"run": f"{_pretrain_label(r)} ({r['run']})", "knn_acc": r["knn_acc"]}
                 for r in pretrain
                 if r["knn_acc"] is not None
             ]

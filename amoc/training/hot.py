@@ -21,12 +21,10 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from amoc.nets import dual_bn
+from amoc.nets.dual_bn import DualBatchNorm
 from amoc.runtime import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
-# every dual BN (the 2d one of the encoder, and a 1d one where a projector has it)
-DUAL_BN = getattr(dual_bn, "DualBatchNorm", dual_bn.DualBatchNorm2d)
 
 
 def hot(fn: F, rt: Runtime, name: str) -> F:
@@ -63,7 +61,7 @@ def freeze_unused_bn(module: nn.Module, used: str) -> list[nn.Parameter]:
     other = "adv" if used == "clean" else "clean"
     frozen = []
     for m in module.modules():
-        if isinstance(m, DUAL_BN):
+        if isinstance(m, DualBatchNorm):  # the encoder's 2d ones and a projector's 1d ones
             for p in getattr(m, other).parameters():
                 p.requires_grad_(False)
                 frozen.append(p)

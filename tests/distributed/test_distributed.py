@@ -168,6 +168,19 @@ def curves(one: dict, *ranks: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return curve1, curve2
 
 
+@pytest.mark.parametrize("method", ["acl", "rocl"])
+def test_in_batch_methods_make_the_first_step_of_one_process_with_negatives_from_every_rank(runs, method):
+    """ACL and RoCL compare each rank's anchors with every rank's embeddings
+    (Dist.gather_grad): the first step's losses equal one process's with the same global
+    batch (sync BN, the projector's BN1d included), and the ranks end with equal weights."""
+    (one,), (rank0, rank1) = runs(1, "sync", f"pretrain.method={method}"), runs(2, "sync", f"pretrain.method={method}")
+    curve1, curve2 = curves(one, rank0, rank1)
+    torch.testing.assert_close(curve2[0], curve1[0], rtol=1e-5, atol=0)
+    state0, state1 = rank0["state"], rank1["state"]
+    assert all(torch.equal(state0[k], state1[k]) for k in state0), "the ranks' weights diverged"
+    assert rank0["collectives"]["all_reduce"] > 0  # the gathers' backward
+
+
 def test_rank_0_logs_the_epoch_means_of_the_global_batches(runs):
     """No all-reduce per step for the log: each rank sums its own losses and the sums meet
     at sync points and at the end of an epoch. Rank 0's log.csv holds the epoch means of the

@@ -84,10 +84,12 @@ def test_outputs(reference):
     headline = json.loads((reference / "metrics.json").read_text())  # what DVC compares: nothing else
     assert headline == {k: metrics[k] for k in ("knn_acc", "knn_random_acc", "loss")}
     assert 0.0 <= headline["knn_random_acc"] <= 1.0 and metrics["log_k_plus_1"] == pytest.approx(math.log(21))
+    assert metrics["method"] == "amoc" and metrics["chance_loss"] == metrics["log_k_plus_1"]
     encoder = load_encoder(reference / "encoder.pt")
     blob = torch_load(reference / "encoder.pt")
     assert blob["extra"] == {
         "bn_branch": "adv",
+        "method": "amoc",
         "variant": "ACA+",
         "queue_size": 20,
         "queue_size_adv": 12,

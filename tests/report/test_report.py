@@ -9,6 +9,7 @@ import pytest
 from downstream_helpers import params_file
 
 from amoc import cli
+from amoc.report.stage import collect_pretrain, pretrain_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -109,8 +110,8 @@ def test_report_on_a_full_set_of_runs(tmp_path, capsys):
     ):
         assert row in md and row in printed
     assert "PGD-20 (%)" in md and "N = 1000" in md and "N = 500" in md and "8.0/255" in md
-    assert "| pretrain | ACA+ | 32768 | 3 | 52.00 | 25.00 | 6.0000 | 10.4000 |" in md
-    assert "| pretrain-q4096 | ACA+ | 4096 | 2 | 47.00 | 25.00 |" in md and "random-init encoder" in md
+    assert "| pretrain | AMOC | ACA+ | 32768 | 3 | 52.00 | 25.00 | 6.0000 | 10.4000 (log(K+1)) |" in md
+    assert "| pretrain-q4096 | AMOC | ACA+ | 4096 | 2 | 47.00 | 25.00 |" in md and "random-init encoder" in md
     names = ("pretrain_loss.png", "pretrain_knn.png", "robust_curve.png", "accuracy_bars.png", "pretrain_compare.png")
     for name in names:
         assert is_png(out / name), name
@@ -162,3 +163,18 @@ def test_report_with_no_runs_at_all(tmp_path, make_dir):
         runs.mkdir()
     md = (report(tmp_path, runs) / "report.md").read_text()
     assert "No evaluated downstream model yet" in md and "No pre-training run found" in md
+
+
+def test_the_pretrain_table_names_the_method_and_its_chance_level(tmp_path):
+    """An ACL encoder has no variant or queue: the table says ACL and its own chance level."""
+    runs = tmp_path / "runs"
+    fake_pretrain(runs / "pretrain", "ACA+", 256, [0.5])
+    folder = runs / "pretrain_acl"
+    fake_pretrain(folder, "ACA+", 256, [0.4])
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(method="acl", variant=None, queue_size=None, log_k_plus_1=None)
+    summary.update(chance_loss=6.23, chance_label="log(2B-1)")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    table = pretrain_table(collect_pretrain(runs, []))
+    assert "| pretrain | AMOC | ACA+ | 256 |" in table and "10.4000 (log(K+1)) |" in table
+    assert "| pretrain_acl | ACL | - | n/a | 1 | 40.00 | 25.00 | 8.0000 | 6.2300 (log(2B-1)) |" in table
