@@ -12,8 +12,9 @@ run and nothing else (checked against one process in tests/distributed/test_dist
 - Every random number (augmentation, attack starts) is drawn for the whole global
   batch from a generator that is identical on all ranks, and each rank keeps its rows
   (``Shard.sample``). One process draws exactly the same numbers.
-- Gradients are averaged by DistributedDataParallel; logged losses are averaged over
-  the ranks before they are summed into the epoch's row.
+- Gradients are averaged by DistributedDataParallel. Each rank sums its own logged
+  losses on the device; the sums meet (one all-reduce) only when the log is read: at
+  sync points, at the end of an epoch and in a checkpoint. No collective per step.
 - Rank 0 alone writes files (log, checkpoints, outputs); every rank reads the same
   checkpoint on ``--resume``, whatever world size wrote it.
 - A stop signal is acted on when all ranks agree on it (at the loops' sync points), so
