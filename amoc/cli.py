@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from amoc import config as config_mod
@@ -16,6 +17,7 @@ from amoc.errors import AmocError
 
 # stage -> (module:function, help, function that adds the stage's own arguments)
 STAGES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {}
+DEFAULT_PARAMS = "params.yaml"
 
 
 def _stage(name: str, target: str, help_text: str):
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (_, help_text, add_args) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
         p.add_argument(
             "--set",
             dest="overrides",
@@ -180,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from amoc.presets import overrides as preset_overrides
 
             preset = preset_overrides(args.preset)
-        cfg = config_mod.load(args.params, args.overrides, preset=preset)
+        params = args.params
+        if args.stage == "params" and params == DEFAULT_PARAMS and not Path(params).exists():
+            # a workspace from nothing: `amoc params [--preset X] --out params.yaml` anywhere
+            print("amoc params: no params.yaml here; starting from the package's defaults", file=sys.stderr)
+            params = None
+        cfg = config_mod.load(params, args.overrides, preset=preset)
         module_name, func_name = target.split(":")
         module = importlib.import_module(module_name)
         result = getattr(module, func_name)(cfg, args)

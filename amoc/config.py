@@ -577,12 +577,14 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def load(
-    path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None, preset: dict | None = None
+    path: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None, preset: dict | None = None
 ) -> Config:
-    """The params file, then `preset` (a partial params document) on top, then the
-    --set `overrides` on top of both, validated once."""
+    """The params file (None: the package's defaults, which params.yaml restates), then
+    `preset` (a partial params document) on top, then the --set `overrides` on top of
+    both, validated once."""
     try:
-        raw = apply_overrides(merge(read_params_file(path), preset or {}), overrides or [])
+        base = {} if path is None else read_params_file(path)
+        raw = apply_overrides(merge(base, preset or {}), overrides or [])
         return from_dict(raw)
     except RecursionError:  # `a: &x [*x]` or thousands of nested brackets
         raise ConfigError(f"{path}: nested too deeply or refers to itself (YAML anchors); write plain values") from None

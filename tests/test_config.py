@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from amoc import cli, config
+from amoc import cli, config, presets
 from amoc.errors import ConfigError
 
 TABLE = REPO / "docs" / "bad-params.md"
@@ -146,3 +146,16 @@ def test_text_overrides_keep_what_was_typed():
 @pytest.mark.parametrize("typed,expected", [("on", "on"), ("off", "off"), ("auto", "auto")])
 def test_on_off_survive_yaml_booleans(typed, expected):
     assert config.load(REPO / "params.yaml", [f"runtime.channels_last={typed}"]).runtime.channels_last == expected
+
+
+def test_params_from_nothing_come_from_the_package(tmp_path, monkeypatch, capsys):
+    """`amoc params --preset demo --out params.yaml` in an empty folder: the package's
+    defaults (what params.yaml restates) with the preset on top; an explicit --params
+    that does not exist is still an error."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["params", "--preset", "demo", "--out", "params.yaml", "--set", "seed=3"]) == 0
+    assert "starting from the package's defaults" in capsys.readouterr().err
+    expected = config.load(REPO / "params.yaml", ["seed=3"], preset=presets.overrides("demo"))
+    assert config.load(tmp_path / "params.yaml") == expected
+    assert cli.main(["params", "--params", "missing.yaml"]) == 2
+    assert "missing.yaml: params file not found" in capsys.readouterr().err
