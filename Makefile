@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 .PHONY: setup demo demo-readme study lint test bench clean
 
 $(BIN)/amoc: pyproject.toml
+	@echo $$(date +%s) > .setup-start
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision pinned to the builds that import together (see README)
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]"
+	@echo $$(( $$(date +%s) - $$(cat .setup-start) )) > $(VENV)/.setup-seconds; rm -f .setup-start
 	touch $@
 
 setup: $(BIN)/amoc

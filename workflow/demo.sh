@@ -45,8 +45,10 @@ git commit -q -m "AMOC demo workspace: params (preset $PRESET) and dvc.yaml"
 echo "git repo + DVC project in $(pwd)"
 
 say "dvc repro: download -> pretrain -> probe slf/alf, finetune aff/scratch -> evaluate x4, corruptions, transfer -> report"
-dvc repro
-dag_seconds=$((SECONDS - t0))
+dag_start=$SECONDS
+times=$(mktemp)  # per-stage wall times, outside the workspace's git tree
+dvc repro 2>&1 | python "$REPO/workflow/stage_times.py" --out "$times"
+dag_seconds=$((SECONDS - dag_start))
 git add -A
 git commit -q -m "demo run: dvc repro" # the baseline for dvc exp run / dvc metrics diff
 python "$REPO/workflow/demo_block.py" . --seconds "$dag_seconds" > readme-block.md
@@ -60,6 +62,14 @@ for png in report/*.png; do
 done
 
 say "done in $(elapsed)"
+# One line to compare runs by: where the time went (a regression shows here first).
+made="$REPO/.venv/.setup-seconds"  # written by `make setup` when it (re)built the venv
+venv="ready"
+if [ -f "$made" ]; then venv="$(cat "$made") s"; rm -f "$made"; fi
+stages=$(python -c "import json, sys; sys.path.insert(0, '$REPO/workflow'); import stage_times; \
+print(stage_times.summary(json.load(open('$times'))))")
+rm -f "$times"
+echo "demo time: venv $venv, workspace $((dag_start - t0)) s, DAG $dag_seconds s ($stages), total $((SECONDS - t0)) s"
 echo "The README's demo block from this run is in $WS/readme-block.md (make demo-readme copies it in)."
 cat <<EOF
 Try next (from $WS/):

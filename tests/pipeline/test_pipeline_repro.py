@@ -231,6 +231,24 @@ def test_an_evaluate_param_stales_only_the_evaluate_stages(dvc_ws):
     assert run("dvc", "status", "-q", cwd=dvc_ws, check=False).returncode == 0
 
 
+@pytest.mark.parametrize("method", ["acl", "rocl"])
+def test_another_pretraining_method_stales_pretraining_and_nothing_before_it(dvc_ws, smk_ws, method):
+    """`dvc exp run -S pretrain.method=acl` (or editing params.yaml for Snakemake) re-runs
+    pre-training and, as its encoder changes, everything after it (the runs themselves:
+    tests/pretrain/test_pretrain_methods_stage.py); the data stage stays."""
+    original = edit_params(dvc_ws, pretrain={"method": method})
+    try:
+        stale = json.loads(run("dvc", "status", "--json", cwd=dvc_ws).stdout)
+    finally:
+        (dvc_ws / "params.yaml").write_text(original)
+    assert set(stale) == {"pretrain"}, stale  # DVC names the stage whose params changed
+    original = edit_params(smk_ws, pretrain={"method": method})
+    try:
+        assert dry_run_jobs(smk_ws) == sorted(AFTER_PRETRAIN)
+    finally:
+        (smk_ws / "params.yaml").write_text(original)
+
+
 # ------------------------------------------------------------------------- Snakemake
 def test_snakemake_has_nothing_left_to_do(smk_ws):
     out = run(str(BIN / "snakemake"), "-n", "--cores", "1", cwd=smk_ws)
