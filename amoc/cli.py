@@ -50,6 +50,38 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+@_stage(
+    "import-encoder",
+    "amoc.pretrain.imported:run",
+    "convert a released encoder (the AMOC authors', ACL's, DynACL's) into amoc's encoder format",
+)
+def _import_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from",
+        dest="layout",
+        choices=("authors", "acl", "dynacl"),
+        required=True,
+        help="the file's layout: authors (MTandHJ/amoc paras.pt), acl (VITA-Group ACL_DS), dynacl (PKU-ML DynACL)",
+    )
+    p.add_argument("file", help="the released checkpoint (.pt / .pth)")
+    p.add_argument(
+        "--out", default="runs/pretrain/encoder.pt", help="amoc encoder file to write (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bn-branch",
+        choices=("adv", "clean"),
+        default="adv",
+        help="BN branch downstream stages use (default: %(default)s; clean for the authors' CCC/CAC/CAA models)",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=("cifar10", "cifar100"),
+        default="cifar10",
+        help="authors layout: the data set whose mean/std their code normalises with (default: %(default)s)",
+    )
+    p.add_argument("--sha256", default=None, help="refuse the file unless its sha256 is this")
+
+
 @_stage("probe", "amoc.downstream.probe:run", "linear probing of a frozen encoder: SLF (clean) or ALF (adversarial)")
 def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(

@@ -165,6 +165,18 @@ class RoCLConfig:
 
 
 @dataclass(frozen=True)
+class FromEncoderConfig:
+    """A released encoder instead of pre-training (docs/import.md): `amoc pretrain` converts
+    the file (`amoc import-encoder`'s conversion) and writes the stage's outputs. The
+    sha256 pins the file, so DVC re-runs the stage when it changes."""
+
+    path: str = ""  # "" = pre-train as configured
+    layout: Literal["authors", "acl", "dynacl"] = "authors"
+    sha256: str = ""  # required with a path
+    bn_branch: Literal["adv", "clean"] = "adv"  # the branch downstream stages use
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     # amoc | acl | rocl. epochs, batch_size, warmup_epochs and the k-NN monitor are shared;
     # lr, momentum, weight_decay, enqueue_order, attack and augment below are AMOC's,
@@ -185,6 +197,7 @@ class PretrainConfig:
     knn_every: int = spec(0, lo=0, doc="epochs between k-NN probes (0 = only at the end)")
     acl: ACLConfig = field(default_factory=ACLConfig)
     rocl: RoCLConfig = field(default_factory=RoCLConfig)
+    from_encoder: FromEncoderConfig = field(default_factory=FromEncoderConfig)
 
 
 @dataclass(frozen=True)
@@ -462,6 +475,12 @@ def _cross_checks(cfg: Config) -> Config:
                     f"{section}.{digest}: {_fmt(value)} is not {article} {digest} digest; expected {size} hex "
                     "characters"
                 )
+    fe = p.from_encoder
+    if fe.path and (len(fe.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in fe.sha256)):
+        raise ConfigError(
+            f"pretrain.from_encoder.sha256: {_fmt(fe.sha256)} is not a sha256 digest; a path needs the file's "
+            "64-hex-character sha256 (sha256sum FILE, or what `amoc import-encoder` prints), which pins it for DVC"
+        )
     for name in cfg.corruptions.names:
         if name not in CORRUPTIONS:
             close = difflib.get_close_matches(name, CORRUPTIONS, n=1)

@@ -59,6 +59,7 @@ def method_params(cfg: Config) -> dict[str, Any]:
     schedule, and the method's own section; AMOC's also its top-level keys."""
     p = to_dict(cfg.pretrain)
     p.pop("checkpoint_every")  # where a run stops, not what it computes
+    p.pop("from_encoder")  # an imported encoder is not trained: no run to resume
     own = {k: p.pop(k) for k in ("acl", "rocl")}
     shared = {k: p.pop(k) for k in ("method", "epochs", "batch_size", "warmup_epochs", "knn_k", "knn_every")}
     if cfg.pretrain.method == "amoc":

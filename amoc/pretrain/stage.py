@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,12 @@ def run_fingerprint(cfg: Config, rt: Runtime, stats: dict[str, Any]) -> str:
 def run(cfg: Config, args: Any) -> int:
     start = time.perf_counter()
     out = Path(args.out)
+    if cfg.pretrain.from_encoder.path:  # a released encoder instead of training (docs/import.md)
+        from amoc.pretrain.imported import pretrain_from_file
+
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun one process imports
+            pretrain_from_file(cfg, Path(args.data), out)
+        return 0
     with session(cfg.runtime.device) as dist:
         with RunLock(out) if dist.main else contextlib.nullcontext():
             metrics = Pretraining(cfg, Path(args.data), out, dist).run(resume=args.resume)
