@@ -35,6 +35,8 @@ from torch import nn
 from amoc.errors import AmocError
 
 Draw = Callable[[tuple[int, ...]], torch.Tensor]
+# What a collective raises when a peer process is gone (gloo, NCCL)
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,11 @@ class Dist:
             return requested
         return at_sync_point and self.any(requested)
 
+    def lost_peer(self, exc: BaseException) -> bool:
+        """Whether `exc` is a collective failing because another rank is gone (SIGKILLed,
+        crashed, its node lost): torch's DistError, or gloo's and NCCL's plain RuntimeError."""
+        return self.active and (isinstance(exc, dist.DistError) or any(s in str(exc) for s in _PEER_LOST))
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -181,6 +188,19 @@ def _env_int(name: str, default: int) -> int:
         raise AmocError(f"{name}={value!r} is not an integer; launch multi-process runs with torchrun") from None
 
 
+def _attempt_store() -> dist.Store:
+    """torchrun's store, under a prefix of its own for each restart of the workers.
+
+    Under `torchrun --max-restarts=N` the restarted workers share one store with the
+    workers they replace (the agent's, which lives on), and torch adds no prefix per
+    attempt: a restarted rank could read the dead group's addresses (gloo: "connectFullMesh
+    failed ... Connection refused") or NCCL id. Measured on 2 gloo ranks: the restart
+    failed one time in three, and every time when rank 0 came up 2 s late.
+    TORCHELASTIC_RESTART_COUNT keeps each attempt's keys apart."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"amoc/attempt{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+
+
 @contextlib.contextmanager
 def session(device: str) -> Iterator[Dist]:
     """Join torchrun's process group for the block when WORLD_SIZE > 1; `device` is
@@ -198,7 +218,7 @@ def session(device: str) -> Iterator[Dist]:
                 "use torchrun --nproc_per_node <= the GPU count"
             )
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", store=_attempt_store(), rank=rank, world_size=world)
     try:
         yield Dist(rank, world, local_rank)
     finally:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from amoc.checkpoint import CheckpointManager
 from amoc.distributed import Dist
+from amoc.errors import AmocError
 from amoc.runtime import oom_hint
 from amoc.stopping import Stopped, StopSignals
 
@@ -84,6 +85,20 @@ class Loop:
         self.seconds = 0.0  # training time of the current epoch so far
 
     def run(self, resume: bool = False) -> None:
+        try:
+            self._run(resume)
+        except RuntimeError as exc:
+            if not self.dist.lost_peer(exc):
+                raise
+            kept = self.checkpoints.paths()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise AmocError(
+                f"rank {self.dist.rank} lost another rank at epoch {self.epoch + 1}, step {self.step} ({first}); "
+                + (f"the last checkpoint {kept[0]} is kept" if kept else "no checkpoint was written yet")
+                + ". Rerun with --resume (under `torchrun --max-restarts=N` the restart does it)"
+            ) from None
+
+    def _run(self, resume: bool) -> None:
         job = self.job
         self._open(resume)
         steps = job.steps_in_epoch()
