@@ -126,7 +126,12 @@ class DistributedConfig:
     reference_batch: int = spec(256, lo=1, doc="the batch size at which lr is the configured value")
 
 
-METHOD_NAMES = {"amoc": "AMOC", "acl": "ACL", "rocl": "RoCL"}  # pretrain.method -> as papers and tables write it
+METHOD_NAMES = {
+    "amoc": "AMOC",
+    "acl": "ACL",
+    "rocl": "RoCL",
+    "dynacl": "DynACL",
+}  # pretrain.method -> as papers and tables write it
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,35 @@ class RoCLConfig:
 
 
 @dataclass(frozen=True)
+class DynACLConfig:
+    """DynACL (Luo, Wang & Wang 2023, docs/methods.md): ACL's DS with an EMA key encoder for
+    the second view, and two schedules stepped every `period` epochs: the augmentation's
+    strength s falls from 1 and the adversarial loss's weight w rises from 1 (their
+    reload_frequency, swap_param)."""
+
+    lr: float = spec(5.0, lo=0.0, lo_open=True, doc="LARS learning rate (peak of the warm-up + cosine schedule)")
+    momentum: float = spec(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = spec(1e-6, lo=0.0)
+    trust: float = spec(1e-3, lo=0.0, lo_open=True, doc="LARS trust coefficient")
+    temperature: float = spec(0.5, lo=0.0, lo_open=True)
+    projector: list[int] = spec([512, 512, 512], lo=1, doc="output sizes of the projector's layers")
+    key_momentum: float = spec(0.99, lo=0.0, hi=1.0, doc="EMA of the key encoder's parameters")
+    period: int = spec(50, lo=1, doc="epochs between updates of the strength and the weight")
+    horizon: int = spec(
+        0, lo=0, doc="epochs over which the strength would fall from 1 to 0 (0 = pretrain.epochs, their code's)"
+    )
+    swap: float = spec(
+        2 / 3,
+        lo=0.0,
+        doc="the weight's rise over the horizon (their swap_param): "
+        "w = min(1 + swap * period * floor((epoch + 1) / period) / horizon, 2), epoch 0-based",
+    )
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
+    # at strength 1; strength s: crop scale (1 - (1 - lo) s, hi), jitter, jitter_p and gray_p times s
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=[0.1, 1.0], blur_p=0.0))
+
+
+@dataclass(frozen=True)
 class FromEncoderConfig:
     """A released encoder instead of pre-training (docs/import.md): `amoc pretrain` converts
     the file (`amoc import-encoder`'s conversion) and writes the stage's outputs. The
@@ -178,10 +212,10 @@ class FromEncoderConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    # amoc | acl | rocl. epochs, batch_size, warmup_epochs and the k-NN monitor are shared;
-    # lr, momentum, weight_decay, enqueue_order, attack and augment below are AMOC's,
-    # and ACL's and RoCL's own settings are in pretrain.acl and pretrain.rocl.
-    method: Literal["amoc", "acl", "rocl"] = "amoc"
+    # amoc | acl | rocl | dynacl. epochs, batch_size, warmup_epochs and the k-NN monitor are
+    # shared; lr, momentum, weight_decay, enqueue_order, attack and augment below are AMOC's,
+    # and the other methods' own settings are in pretrain.acl, pretrain.rocl, pretrain.dynacl.
+    method: Literal["amoc", "acl", "rocl", "dynacl"] = "amoc"
     epochs: int = spec(200, lo=1)
     batch_size: int = spec(256, lo=2)
     lr: float = spec(0.1, lo=0.0, lo_open=True)
@@ -197,6 +231,7 @@ class PretrainConfig:
     knn_every: int = spec(0, lo=0, doc="epochs between k-NN probes (0 = only at the end)")
     acl: ACLConfig = field(default_factory=ACLConfig)
     rocl: RoCLConfig = field(default_factory=RoCLConfig)
+    dynacl: DynACLConfig = field(default_factory=DynACLConfig)
     from_encoder: FromEncoderConfig = field(default_factory=FromEncoderConfig)
 
 
@@ -247,6 +282,8 @@ class EvaluateConfig:
     batch_size: int = spec(500, lo=1)
     pgd: AttackConfig = field(default_factory=lambda: AttackConfig(steps=20))
     autoattack: bool = True
+    # original: Croce & Hein's code (pyautoattack), resumable; torchattacks: its port (docs/downstream.md)
+    autoattack_impl: Literal["original", "torchattacks"] = "original"
     autoattack_images: int = spec(0, lo=0, doc="images for AutoAttack (0 = n_images)")
     curve_eps: list[float] = spec(
         [0, 1, 2, 4, 6, 8, 12, 16], lo=0.0, hi=255.0, doc="robustness-curve budgets in units of 1/255"
@@ -456,9 +493,13 @@ def _cross_checks(cfg: Config) -> Config:
             f"pretrain.warmup_epochs: {p.warmup_epochs} exceeds pretrain.epochs={p.epochs}; use at most the "
             "number of epochs"
         )
-    for key, augment in (("", p), ("acl.", p.acl), ("rocl.", p.rocl)):
+    for key, augment in (("", p), ("acl.", p.acl), ("rocl.", p.rocl), ("dynacl.", p.dynacl)):
         _check_augment(f"pretrain.{key}augment", augment.augment)
-    for key, dims in (("pretrain.acl.projector", p.acl.projector), ("pretrain.rocl.projector", p.rocl.projector)):
+    for key, dims in (
+        ("pretrain.acl.projector", p.acl.projector),
+        ("pretrain.rocl.projector", p.rocl.projector),
+        ("pretrain.dynacl.projector", p.dynacl.projector),
+    ):
         if not dims:
             raise ConfigError(f"{key}: [] has no layer; give the output size of each layer, e.g. [512, 512, 512]")
     for section, stage in (("probe", cfg.probe), ("finetune", cfg.finetune)):

@@ -67,7 +67,7 @@ def test_config_is_frozen():
         cfg.queue_size = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("preset", ["demo", "tiny", "quick", "authors-table", "acl", "rocl"])
+@pytest.mark.parametrize("preset", ["demo", "tiny", "quick", "authors-table", "acl", "rocl", "dynacl"])
 def test_presets_validate(preset, tmp_path):
     out = tmp_path / "p.yaml"
     assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--preset", preset, "--out", str(out)]) == 0

@@ -61,6 +61,7 @@ HOT: dict[str, set[str] | str] = {
     "pretrain/contrastive.py": {"ContrastiveNet.forward", "contrast"},
     "pretrain/acl.py": {"ACLStep.__call__", "ACLStep.attack", "ACLStep.loss", "Forwards.forward"},
     "pretrain/rocl.py": {"RoCLStep.__call__", "RoCLStep.attack", "RoCLStep.loss", "Forwards.forward"},
+    "pretrain/dynacl.py": {"DynACLStep.__call__", "DynACLStep.attack", "DynACLStep.loss", "DynACLNet.update_key"},
     "pretrain/augment.py": "*",
     "pretrain/stage.py": {"Pretraining.train_step"},
     "pretrain/log.py": {"EpochLog.add"},

@@ -38,6 +38,11 @@ class MethodRun:
     chance: float  # the loss_clean of a model that has learnt nothing (the collapse warning)
     chance_label: str  # how docs write it, e.g. "log(K+1)"
     record: dict[str, Any] = field(default_factory=dict)  # settings for summary.json and encoder.pt
+    # Per-epoch schedules (DynACL): called by the stage at the start of every epoch, a resumed
+    # one included (0-based); sets the method's state for that epoch and returns that epoch's
+    # augmentation, which the stage switches to when it differs. Both are a pure function of
+    # the epoch, so a resumed run re-derives them. None: the same every epoch.
+    begin_epoch: Callable[[int], AugmentConfig] | None = None
 
 
 # pretrain.method -> what it is; the method's module amoc.pretrain.<name> has `build`.
@@ -45,6 +50,7 @@ METHODS = {
     "amoc": "MoCo with adversarial views, two memory queues and dual BN (the paper)",
     "acl": "ACL (Jiang et al. 2020), DS: in-batch NT-Xent of clean and adversarial pairs, dual BN, LARS",
     "rocl": "RoCL (Kim et al. 2020): instance-wise attack, NT-Xent over (t1, t2, adversarial t1), LARS",
+    "dynacl": "DynACL (Luo et al. 2023): ACL with an EMA key encoder, augmentation annealed, adversarial weight raised",
 }
 AMOC_ONLY = ("variant", "queue_size", "leverage")  # top-level keys only AMOC reads
 
@@ -60,7 +66,7 @@ def method_params(cfg: Config) -> dict[str, Any]:
     p = to_dict(cfg.pretrain)
     p.pop("checkpoint_every")  # where a run stops, not what it computes
     p.pop("from_encoder")  # an imported encoder is not trained: no run to resume
-    own = {k: p.pop(k) for k in ("acl", "rocl")}
+    own = {k: p.pop(k) for k in ("acl", "rocl", "dynacl")}
     shared = {k: p.pop(k) for k in ("method", "epochs", "batch_size", "warmup_epochs", "knn_k", "knn_every")}
     if cfg.pretrain.method == "amoc":
         top = {"variant": cfg.variant, "queue_size": cfg.queue_size, "queue_size_adv": cfg.queue_size_adv}

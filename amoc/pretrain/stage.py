@@ -1,5 +1,5 @@
 """`amoc pretrain`: robust self-supervised pre-training of an encoder with the method of
-`pretrain.method` (AMOC by default, docs/pretrain.md; ACL, RoCL: docs/methods.md). The
+`pretrain.method` (AMOC by default, docs/pretrain.md; ACL, RoCL, DynACL: docs/methods.md). The
 method (amoc.pretrain.methods) gives the model, optimiser, step and augmentation; this
 stage owns the data, the epochs and learning-rate schedule, resume, DDP, the k-NN
 monitor and the outputs.
@@ -15,7 +15,7 @@ comes from generators whose states the checkpoint holds.
 
 Under ``torchrun --nproc_per_node N`` the stage runs data-parallel (amoc.distributed):
 pretrain.batch_size is the global batch, DDP averages the gradients, AMOC's keys of all
-ranks enter every rank's queues in rank order (ACL and RoCL gather every rank's
+ranks enter every rank's queues in rank order (ACL, RoCL and DynACL gather every rank's
 embeddings as in-batch negatives), BN follows distributed.bn, and rank 0 writes every
 file. A checkpoint resumes under any world size.
 """
@@ -216,6 +216,10 @@ class Pretraining(Job):
 
     def begin_epoch(self, epoch: int, step: int) -> None:
         self.order = epoch_order(self.cfg.seed, epoch, len(self.data.train_x)).to(self.rt.device)
+        if self.method.begin_epoch is not None:  # the method's per-epoch schedules (DynACL)
+            augment = self.method.begin_epoch(epoch)
+            if augment != self.augment.cfg:  # this epoch's views are drawn differently
+                self.augment = SimCLRAugment(augment, size=self.data.train_x.shape[-1])
         self.clock = (epoch * self.steps_per_epoch + step, time.perf_counter())
 
     def train_step(self, epoch: int, step: int) -> None:

@@ -168,11 +168,13 @@ def curves(one: dict, *ranks: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return curve1, curve2
 
 
-@pytest.mark.parametrize("method", ["acl", "rocl"])
+@pytest.mark.parametrize("method", ["acl", "rocl", "dynacl"])
 def test_in_batch_methods_make_the_first_step_of_one_process_with_negatives_from_every_rank(runs, method):
-    """ACL and RoCL compare each rank's anchors with every rank's embeddings
-    (Dist.gather_grad): the first step's losses equal one process's with the same global
-    batch (sync BN, the projector's BN1d included), and the ranks end with equal weights."""
+    """ACL, RoCL and DynACL compare each rank's anchors with every rank's embeddings
+    (Dist.gather_grad; DynACL's key embeddings without a gradient by a plain gather): the
+    first step's losses equal one process's with the same global batch (sync BN, the
+    projector's BN1d included, and DynACL's key net outside DDP), and the ranks end with
+    equal weights (DynACL's key net and its BN statistics included)."""
     (one,), (rank0, rank1) = runs(1, "sync", f"pretrain.method={method}"), runs(2, "sync", f"pretrain.method={method}")
     curve1, curve2 = curves(one, rank0, rank1)
     torch.testing.assert_close(curve2[0], curve1[0], rtol=1e-5, atol=0)

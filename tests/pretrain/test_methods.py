@@ -1,5 +1,6 @@
-"""ACL and RoCL's pieces (docs/methods.md): NT-Xent against a loop, its value at
-initialisation, each method's attack, LARS against a hand computation."""
+"""ACL, RoCL and DynACL's pieces (docs/methods.md): NT-Xent against a loop, its value at
+initialisation, each method's attack, LARS against a hand computation (DynACL's own:
+tests/pretrain/test_dynacl.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from amoc.nets import build_encoder
 from amoc.pretrain.acl import ACLStep
 from amoc.pretrain.augment import SimCLRAugment
 from amoc.pretrain.contrastive import ContrastiveNet, bn_projector, mlp_projector
+from amoc.pretrain.dynacl import DynACLNet, DynACLStep
 from amoc.pretrain.lars import LARS
 from amoc.pretrain.ntxent import nt_xent
 from amoc.pretrain.rocl import RoCLStep
@@ -66,6 +68,25 @@ def tiny_rocl(seed: int = 0) -> ContrastiveNet:
     return ContrastiveNet(encoder, mlp_projector(encoder.feature_dim, [128, 32]))
 
 
+def tiny_dynacl(seed: int = 0) -> DynACLNet:
+    net = DynACLNet(tiny_acl(seed), key_momentum=0.99)
+    with torch.no_grad():  # a key net that differs from the query net, as it does after a few steps
+        for k in net.key.parameters():
+            k.add_(0.05 * torch.randn(k.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    return net
+
+
+def make_step(method: str, cfg, net, optimizer):
+    if method == "dynacl":
+        return DynACLStep(net, cfg, optimizer, epochs=10)
+    return (ACLStep if method == "acl" else RoCLStep)(net, cfg, optimizer)
+
+
+def trained(method: str, net) -> torch.nn.Module:
+    """What the step trains: DynACL's query net (its key net follows by EMA)."""
+    return net.query if method == "dynacl" else net
+
+
 def views(b: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(b, 3, 16, 16, generator=g)
@@ -86,16 +107,24 @@ def test_acl_loss_of_a_random_encoder_is_near_log_2b_minus_1():
     assert loss.item() == pytest.approx(math.log(2 * 32 - 1), abs=0.15)
 
 
-@pytest.mark.parametrize("method", ["acl", "rocl"])
+@pytest.mark.parametrize("method", ["acl", "rocl", "dynacl"])
 def test_each_methods_attack_raises_its_objective_inside_the_ball(method):
     cfg = getattr(PretrainConfig(), method)
-    net = tiny_acl() if method == "acl" else tiny_rocl()
-    step_cls = ACLStep if method == "acl" else RoCLStep
-    step = step_cls(net, cfg, torch.optim.SGD(net.parameters(), lr=0.0))
+    net = {"acl": tiny_acl, "rocl": tiny_rocl, "dynacl": tiny_dynacl}[method]()
+    step = make_step(method, cfg, net, torch.optim.SGD(trained(method, net).parameters(), lr=0.0))
     net.train()
     x1, x2 = views(16, seed=3)
     before = [p.detach().clone() for p in net.parameters()]
-    if method == "acl":
+    grads = [p.requires_grad for p in net.parameters()]
+    if method == "dynacl":  # view 1 through the query net, view 2 through the key net
+        x = torch.cat([x1, x2])
+        adv = step.attack(x, torch.Generator().manual_seed(0))
+
+        def objective(v):
+            return step.loss(net.query(v[:16], "adv"), net.key(v[16:], "adv"))
+
+        origin = x
+    elif method == "acl":
         x = torch.cat([x1, x2])
         adv = step.attack(x, torch.Generator().manual_seed(0))
 
@@ -111,7 +140,8 @@ def test_each_methods_attack_raises_its_objective_inside_the_ball(method):
 
         origin = x1
     assert net.training  # the attack ran in eval mode and restored the mode
-    assert all(torch.equal(a, p) and p.requires_grad for a, p in zip(before, net.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert grads == [p.requires_grad for p in net.parameters()]  # restored (DynACL's key net: none)
     eps = cfg.attack.eps
     assert (adv - origin).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert (adv - origin).abs().max() > eps / 2
@@ -152,15 +182,17 @@ def test_lars_scales_each_layers_step_by_its_trust_ratio():
     torch.testing.assert_close(w3.detach(), torch.tensor([0.5]))
 
 
-@pytest.mark.parametrize("method", ["acl", "rocl"])
+@pytest.mark.parametrize("method", ["acl", "rocl", "dynacl"])
 def test_a_step_of_each_method_makes_no_host_sync(method):
     """The CPU stand-in for torch.cuda.set_sync_debug_mode("error") (tests/sync_guard.py)
-    around a whole step: attack, forwards, loss, LARS."""
+    around a whole step: attack, forwards, loss, LARS (and DynACL's EMA update)."""
     from sync_guard import NoHostSync
 
     cfg = getattr(PretrainConfig(), method)
-    net = (tiny_acl() if method == "acl" else tiny_rocl()).train()
-    step = (ACLStep if method == "acl" else RoCLStep)(net, cfg, LARS(net.parameters(), lr=0.5))
+    net = {"acl": tiny_acl, "rocl": tiny_rocl, "dynacl": tiny_dynacl}[method]().train()
+    step = make_step(method, cfg, net, LARS(trained(method, net).parameters(), lr=0.5))
+    if method == "dynacl":
+        step.begin_epoch(5)  # a weight other than 1
     x1, x2 = views(8, seed=5)
     g = torch.Generator().manual_seed(0)
     before = [p.detach().clone() for p in net.parameters()]

@@ -1,6 +1,7 @@
-"""`amoc pretrain` with pretrain.method acl and rocl end to end (docs/methods.md): outputs
-that name the method, exact resume after a stop, and the encoder through the downstream
-stages; and a method name that does not exist."""
+"""`amoc pretrain` with pretrain.method acl, rocl and dynacl end to end (docs/methods.md):
+outputs that name the method, exact resume after a stop, and the encoder through the
+downstream stages; DynACL's schedules at a period boundary; and a method name that does
+not exist."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from amoc import cli
 from amoc.io import torch_load
 from amoc.nets.store import load_encoder_file
 from amoc.pretrain.acl import ACLStep
+from amoc.pretrain.dynacl import DynACLStep
 from amoc.pretrain.rocl import RoCLStep
+from amoc.pretrain.stage import Pretraining
 
-STEPS = {"acl": ACLStep, "rocl": RoCLStep}
-# 40 images / batch 8 = 5 steps per epoch, 3 epochs, 2-step attacks, narrow projectors.
+STEPS = {"acl": ACLStep, "rocl": RoCLStep, "dynacl": DynACLStep}
+# 40 images / batch 8 = 5 steps per epoch, 3 epochs, 2-step attacks, narrow projectors;
+# DynACL's schedules step every epoch (period 1), so a resumed epoch has its own strength.
 SETS = [
     "runtime.device=cpu",
     "runtime.threads=1",
@@ -33,6 +37,9 @@ SETS = [
     "pretrain.acl.attack.steps=2",
     "pretrain.rocl.projector=[64, 16]",
     "pretrain.rocl.attack.steps=2",
+    "pretrain.dynacl.projector=[32, 32, 32]",
+    "pretrain.dynacl.attack.steps=2",
+    "pretrain.dynacl.period=1",
 ]
 
 
@@ -72,10 +79,16 @@ def test_outputs_name_the_method_and_leave_amocs_keys_empty(references, method):
     encoder, extra = load_encoder_file(out / "encoder.pt")
     assert extra["method"] == method and extra["bn_branch"] == "adv" and extra["variant"] is None
     model = newest(out)["model"]
+    prefix = "key.encoder." if method == "dynacl" else "encoder."  # DynACL: the EMA key net's encoder
     for name, value in encoder.state_dict().items():  # the encoder file is the trained encoder
-        assert torch.equal(value, model[f"encoder.{name}"]), name
+        assert torch.equal(value, model[f"{prefix}{name}"]), name
     mean = encoder.normalize.mean.flatten().tolist()
-    assert mean == pytest.approx([0.485, 0.456, 0.406] if method == "acl" else [0.0, 0.0, 0.0])
+    assert mean == pytest.approx([0.0, 0.0, 0.0] if method == "rocl" else [0.485, 0.456, 0.406])
+    if method == "dynacl":  # the key net is an EMA, not the query net, and records its momentum
+        assert summary["key_momentum"] == extra["key_momentum"] == 0.99
+        weights = [k for k in model if k.startswith("query.encoder.") and k.endswith("weight")]
+        assert weights and all(k.replace("query.", "key.", 1) in model for k in weights)
+        assert any(not torch.equal(model[k], model[k.replace("query.", "key.", 1)]) for k in weights)
     if method == "rocl":  # one BN: the clean branch never trains
         fresh = torch.load(sorted((out / "checkpoints").glob("*.pt"))[0], weights_only=True)["model"]
         clean = [k for k in model if ".clean." in k and k.endswith(("weight", "bias"))]
@@ -149,5 +162,33 @@ def test_an_unknown_method_is_one_line_and_writes_nothing(params, prepared, tmp_
     out = tmp_path / "simclr"
     assert pretrain(params, prepared, out, "simclr") == 2
     err = capsys.readouterr().err.strip()
-    assert err == "amoc pretrain: error: pretrain.method: 'simclr' is not allowed; choose one of amoc, acl, rocl"
+    assert (
+        err == "amoc pretrain: error: pretrain.method: 'simclr' is not allowed; choose one of amoc, acl, rocl, dynacl"
+    )
     assert not out.exists()
+
+
+def test_dynacl_switches_its_views_and_weight_at_a_period_boundary(params, prepared, tmp_path, monkeypatch):
+    """Period 2 over 3 epochs: epochs 0 and 1 draw views at strength 1, epoch 2 at
+    1 - 2/3 (crop scale (0.7, 1), a third of the jitter); the stage's augmentation is
+    rebuilt once, at the boundary. The weight steps an epoch earlier, as in their code:
+    1 in epoch 0, then 1 + (2/3)(2/3)."""
+    seen, original = [], Pretraining.train_step
+
+    def train_step(self, epoch, step):
+        aug = self.augment
+        seen.append((epoch, id(aug), aug.scale, aug.cfg.jitter_p, tuple(aug.cfg.jitter), self.method.step.weight))
+        return original(self, epoch, step)
+
+    monkeypatch.setattr(Pretraining, "train_step", train_step)
+    assert pretrain(params, prepared, tmp_path / "out", "dynacl", "--set", "pretrain.dynacl.period=2") == 0
+    by_epoch = {e: {s[1:] for s in seen if s[0] == e} for e in range(3)}
+    assert all(len(v) == 1 for v in by_epoch.values())  # fixed within an epoch
+    (a0, scale0, p0, jitter0, w0), (a1, scale1, p1, _, w1), (a2, scale2, p2, jitter2, w2) = (
+        next(iter(by_epoch[e])) for e in range(3)
+    )
+    assert a0 == a1 != a2  # rebuilt at the boundary only
+    assert scale0 == scale1 == pytest.approx((0.1, 1.0)) and p0 == p1 == pytest.approx(0.8)
+    assert scale2 == pytest.approx((0.7, 1.0)) and p2 == pytest.approx(0.8 / 3)
+    assert jitter2 == pytest.approx([v / 3 for v in jitter0])
+    assert (w0, w1, w2) == pytest.approx((1.0, 1 + 4 / 9, 1 + 4 / 9))
