@@ -490,12 +490,13 @@ def test_gpus_config_launches_the_training_jobs_through_torchrun_on_one_node():
     launched = {
         job["rule"]
         for job in jobs
-        if job["cmd"] and normalise(job["cmd"]).startswith("torchrun --standalone --nproc_per_node 4 -m amoc ")
+        if job["cmd"]
+        and normalise(job["cmd"]).startswith("torchrun --standalone --nproc_per_node 4 --max-restarts 3 -m amoc ")
     }
     assert launched == set(TRAINING)
     # the same commands otherwise: the stages stay equal to dvc.yaml's, up to the launcher
     plain = {normalise(job["cmd"]) for job in jobs if job["cmd"]}
-    torchrun = "torchrun --standalone --nproc_per_node 4 -m amoc "
+    torchrun = "torchrun --standalone --nproc_per_node 4 --max-restarts 3 -m amoc "
     assert {cmd.replace(torchrun, "amoc ") for cmd in plain} == {
         normalise(job["cmd"]) for job in parse_dry_run(snakemake("-n", "-p", "--forceall").stdout) if job["cmd"]
     }

@@ -16,17 +16,23 @@ MODELS = ["slf", "alf", "aff", "scratch"]  # every classifier that is evaluated
 # scheduler for that many GPUs. Not a params.yaml key: it changes how fast a job runs,
 # not what it computes (batch sizes are global), so it re-runs nothing.
 GPUS = int(config.get("gpus", 1))
+# Elastic restarts under torchrun (`--config restarts=N`, default 3): when a rank dies
+# (a killed process, a lost GPU), torchrun stops the others and starts the group again, up
+# to N times; the stage resumes from its last checkpoint (--resume). Not a param either.
+RESTARTS = int(config.get("restarts", 3))
 
 
 class Launcher:
-    """What starts amoc in a training job: `amoc`, or torchrun under --config gpus=N.
+    """What starts amoc in a training job: `amoc`, or torchrun (with elastic restarts) under --config gpus=N.
 
     Passed to the shell through `params: launcher=LAUNCHER` (so `snakemake --lint` is clean).
     Deliberately not a str: Snakemake's params trigger leaves out values it cannot store
     (persistence: UNREPRESENTABLE), so changing the number of GPUs re-runs nothing."""
 
     def __str__(self):
-        return "amoc" if GPUS <= 1 else f"torchrun --standalone --nproc_per_node {GPUS} -m amoc"
+        return (
+            "amoc" if GPUS <= 1 else f"torchrun --standalone --nproc_per_node {GPUS} --max-restarts {RESTARTS} -m amoc"
+        )
 
 
 LAUNCHER = Launcher()
