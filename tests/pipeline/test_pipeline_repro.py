@@ -231,7 +231,7 @@ def test_an_evaluate_param_stales_only_the_evaluate_stages(dvc_ws):
     assert run("dvc", "status", "-q", cwd=dvc_ws, check=False).returncode == 0
 
 
-@pytest.mark.parametrize("method", ["acl", "rocl"])
+@pytest.mark.parametrize("method", ["acl", "rocl", "dynacl"])
 def test_another_pretraining_method_stales_pretraining_and_nothing_before_it(dvc_ws, smk_ws, method):
     """`dvc exp run -S pretrain.method=acl` (or editing params.yaml for Snakemake) re-runs
     pre-training and, as its encoder changes, everything after it (the runs themselves:
