@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from amoc import config as config_mod
 from amoc.errors import AmocError
+from amoc.io import disk_full_error
 
 # stage -> (module:function, help, function that adds the stage's own arguments)
 STAGES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -227,6 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AmocError as exc:
         print(f"amoc {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk outside amoc.io's writers (a folder, a temp dir): one line too
+        error = disk_full_error(exc, exc.filename or getattr(args, "out", None))
+        if error is None:
+            raise
+        print(f"amoc {args.stage}: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"amoc {args.stage}: interrupted", file=sys.stderr)
         return 130

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -39,9 +41,34 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT behind `exc`, also where a library re-raised it as something
+    else (torch's zip writer turns it into RuntimeError('... unexpected pos ...'))."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    A full disk (or quota) is one AmocError naming `path`, the space it needs (`size`, when
+    the caller knows it; else more than what was written) and the space free."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -54,22 +81,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except BaseException as exc:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise AmocError(
-                f"{path}: no space left on device while writing; free disk space and rerun (the previous file, "
-                "if any, is untouched)"
-            ) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        error = disk_full_error(exc, path, size if size is not None else -written)
+        if error is None:
+            raise
+        raise error from None
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def disk_full_error(exc: BaseException, path: str | os.PathLike | None = None, size: int = 0) -> AmocError | None:
+    """The one-line AmocError for a full disk (or quota) behind `exc`, else None.
+
+    `path`: the file being written (default: the error's own file name); `size`: the
+    bytes it needs, or minus the bytes written when it failed (a lower bound)."""
+    full = _disk_full(exc)
+    if full is None:
+        return None
+    path = Path(path if path is not None else full.filename or ".")
+    need = f"needs {_human(size)}, " if size > 0 else f"needs more than the {_human(-size)} written, " if size else ""
+    try:
+        free = f"{_human(shutil.disk_usage(path if path.is_dir() else path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return AmocError(
+        f"{path}: {_DISK_FULL[full.errno]} while writing it ({need}{free}); free disk space and rerun (the previous "
+        "file, if any, is untouched)"
+    )
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    with atomic_path(path, size=len(data)) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -87,12 +130,13 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    # Through a Python file object, not the temp path: torch names the zip's inner folder
-    # after a path's stem (here the random temp name, so identical runs wrote different
-    # bytes), and its C++ path writer reports a full disk as a RuntimeError
-    # ("unexpected pos ...") where a file object raises OSError(ENOSPC).
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+    # Serialised in memory, then written: the size is known for a full disk's message, and
+    # torch never names the zip's inner folder after a path's stem (the random temp name,
+    # so identical runs wrote different bytes). Streamed to a file, a full disk surfaced
+    # as torch's RuntimeError("... unexpected pos ..."), raised over the OSError(ENOSPC).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -176,8 +220,12 @@ class RunLock:
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(str(os.getpid()))
+            except OSError as exc:
+                self.path.unlink(missing_ok=True)
+                raise disk_full_error(exc, self.path, len(str(os.getpid()))) or exc from None
             self._held = True
             return self
         raise LockedError(f"{self.path}: could not take the lock; remove it if no amoc run is active")

@@ -9,6 +9,7 @@ of runs or the outputs of other params. Files that are not ours are left alone.
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from amoc.data import cifar, digits, fetch, folder
 from amoc.data.prepared import CIFAR10_MEAN, CIFAR10_STD, SPLITS, split_path
 from amoc.data.splits import Splits, channel_mean_std
 from amoc.errors import DataError
-from amoc.io import stage_outputs, write_json, write_with
+from amoc.io import stage_outputs, write_bytes, write_json
 
 OUTPUTS = ("train.npz", "test.npz", "stats.json")
 WORK_PREFIX = ".amoc-download-"
@@ -101,11 +102,9 @@ def _write(out: Path, splits: Splits, stats: dict[str, Any]) -> None:
     arrays = {"train": (splits.train_x, splits.train_y), "test": (splits.test_x, splits.test_y)}
     for split in SPLITS:
         x, y = arrays[split]
-        # np.savez appends ".npz" to a path that lacks it, so write through a file object.
-        write_with(split_path(out, split), lambda tmp, x=x, y=y: _savez(tmp, x, y))
+        # In memory first (np.savez appends ".npz" to a bare path): a full disk's message
+        # then says how much space the file needs.
+        buffer = io.BytesIO()
+        np.savez(buffer, x=np.ascontiguousarray(x), y=np.ascontiguousarray(y))
+        write_bytes(split_path(out, split), buffer.getbuffer())
     write_json(out / "stats.json", stats)  # last: its presence marks a complete folder
-
-
-def _savez(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.savez(fh, x=np.ascontiguousarray(x), y=np.ascontiguousarray(y))

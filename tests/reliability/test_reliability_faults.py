@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -98,21 +99,23 @@ def test_torch_save_failing_half_way_leaves_the_previous_file(tmp_path, monkeypa
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("where", ["write", "replace"])
+@pytest.mark.parametrize("where", ["fsync", "replace"])
 def test_full_disk_is_a_clear_error_and_the_previous_file_is_untouched(tmp_path, monkeypatch, where):
+    """ENOSPC where a write can still meet it after write() returned: fsync (NFS and other
+    delayed-allocation file systems) or the rename. (write() itself: the /dev/full and
+    real tmpfs tests.)"""
     path = tmp_path / "metrics.json"
     io.write_json(path, {"v": 1})
     full = OSError(errno.ENOSPC, "No space left on device")
-    if where == "write":
-        monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(full))
-    else:
-        monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(os, where, lambda *a: (_ for _ in ()).throw(full))
     with pytest.raises(AmocError) as info:
         io.write_json(path, {"v": 2})
-    assert str(info.value) == (
-        f"{path}: no space left on device while writing; free disk space and rerun "
-        "(the previous file, if any, is untouched)"
-    )
+    monkeypatch.undo()
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: no space left on device while writing it \(needs 13 bytes, [\d.]+ [kMG]?B free\); "
+        r"free disk space and rerun \(the previous file, if any, is untouched\)",
+        str(info.value),
+    ), str(info.value)
     assert json.loads(path.read_text()) == {"v": 1} and leftovers(tmp_path) == []
 
 
@@ -142,6 +145,30 @@ def test_real_full_disk_device_gives_enospc_through_torch_save(tmp_path, monkeyp
     assert not (tmp_path / "x.pt").exists() and leftovers(tmp_path) == []
 
 
+def test_a_full_disk_anywhere_in_a_stage_is_one_line(params, tmp_path, monkeypatch, capsys):
+    """ENOSPC outside amoc.io's writers (a folder, a temp folder, a library's own file) is
+    still one line naming the file, exit 2; another OSError is not disguised as one."""
+
+    def raising(exc):
+        def run(cfg, args):
+            raise exc
+
+        return run
+
+    argv = ["download", "--params", str(params), "--out", str(tmp_path / "o")]
+    work = tmp_path / "work"
+    monkeypatch.setattr("amoc.data.stage.run", raising(OSError(errno.ENOSPC, "No space left on device", str(work))))
+    assert cli.main(argv) == 2
+    assert re.fullmatch(
+        rf"amoc download: error: {re.escape(str(work))}: no space left on device while writing it \([\d.]+ [kMG]?B "
+        r"free\); free disk space and rerun \(the previous file, if any, is untouched\)",
+        one_line_error(capsys, "download"),
+    )
+    monkeypatch.setattr("amoc.data.stage.run", raising(PermissionError(13, "Permission denied", str(work))))
+    with pytest.raises(PermissionError):
+        cli.main(argv)
+
+
 def test_torch_save_writes_the_same_bytes_every_time(tmp_path):
     """Identical objects give identical files (DVC hashes outputs): the zip's inner folder
     name must not come from the random temp file name."""
@@ -151,17 +178,26 @@ def test_torch_save_writes_the_same_bytes_every_time(tmp_path):
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
 
+def full_disk_for(monkeypatch, name_part: str) -> None:
+    """The temp files whose name holds `name_part` are written to /dev/full (ENOSPC on
+    every write, as a full disk); everything else is written as usual."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    real_open = open
+
+    def open_full(file, mode="r", *args, **kwargs):
+        name = os.path.basename(str(file))
+        full = name.endswith(".tmp") and name_part in name and "w" in mode
+        return real_open("/dev/full" if full else file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_full)
+
+
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path / "checkpoints", "f" * 16)
     first = manager.save(1, {"w": torch.ones(3)})
-    real_save = torch.save
-
-    def full_disk(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(AmocError, match="no space left on device"):
+    full_disk_for(monkeypatch, "epoch-0002")
+    with pytest.raises(AmocError, match=r"epoch-0002-step-000000-f+\.pt: no space left on device .*\(needs \d"):
         manager.save(2, {"w": torch.full((3,), 2.0)})
     monkeypatch.undo()
     assert manager.paths() == [first]
@@ -170,16 +206,10 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 def test_pretrain_on_a_full_disk_exits_2_and_resumes_later(params, data, tmp_path, monkeypatch, capsys):
     """ENOSPC when epoch 2's checkpoint is written: exit 2, one line, epoch 1's checkpoint
-    intact, no encoder.pt; once there is space, --resume finishes from epoch 1."""
+    intact, no encoder.pt; once there is space, --resume finishes from epoch 1. (On a real
+    full tmpfs: test_reliability_disk_full.py.)"""
     out = tmp_path / "run"
-    real_save = torch.save
-
-    def full_at_epoch_2(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("epoch") == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", full_at_epoch_2)
+    full_disk_for(monkeypatch, "epoch-0002")
     assert amoc("pretrain", params, "--data", str(data), "--out", str(out), sets=PRETRAIN_SETS) == 2
     err = one_line_error(capsys, "pretrain")
     assert "epoch-0002-step-000000" in err and "no space left on device" in err
