@@ -139,11 +139,60 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, buffer.getbuffer())
 
 
+# The folder of a downstream model (runs/<folder>/classifier.pt) -> its stage in dvc.yaml
+# (the Snakefile's rule has the name before "@") and the command that makes it by hand.
+_MODEL_STAGES = {
+    "slf": ("probe@slf", "amoc probe --mode slf"),
+    "alf": ("probe@alf", "amoc probe --mode alf"),
+    "aff": ("finetune_aff", "amoc finetune"),
+    "scratch": ("finetune_scratch", "amoc finetune --init scratch"),
+    "pretrain": ("pretrain", "amoc pretrain"),
+}
+
+
+def remake_hint(path: str | os.PathLike) -> str:
+    """How to make `path` again, for an error about a damaged or stale input file: the
+    pipeline stage that writes it (`dvc repro -f -s STAGE`: that stage only, forced) and
+    the command by hand. A file of unknown origin gets the generic advice."""
+    path = Path(path)
+    stage = None
+    if path.parent.name == "checkpoints":
+        return "delete it"  # the stage resumes from an older checkpoint, or starts afresh
+    if path.name in ("train.npz", "test.npz", "stats.json"):
+        stage = ("download", f"amoc download --out {path.parent}")
+    elif path.name == "encoder.pt":
+        stage = ("pretrain", "amoc pretrain")
+    elif path.name in ("classifier.pt", "classifier_best.pt"):
+        stage = _MODEL_STAGES.get(path.parent.name)
+    if stage is None:
+        return "re-run the stage that writes it"
+    return f"re-make it with `dvc repro -f -s {stage[0]}` (or `{stage[1]}`)"
+
+
+def _check_crc(path: Path) -> None:
+    """torch.load does not check the CRC-32s of a checkpoint's zip records: flipped bytes in
+    a tensor load silently as other weights. Files without CRCs (all 0) are let through."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not any(info.CRC for info in zf.infolist() if info.file_size):
+                return
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a zip (a legacy torch file) or cut short: torch.load reports it
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: corrupt file (CRC-32 mismatch in its record {bad}: bytes changed on disk or in transfer); "
+            f"{remake_hint(path)}"
+        )
+
+
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with `weights_only=True`: tensors and plain data only, never code."""
+    """Load a checkpoint with `weights_only=True`: tensors and plain data only, never code;
+    its zip records' CRC-32s checked first."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it first")
+    _check_crc(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -158,8 +207,7 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); delete it or rerun the stage that "
-            "writes it"
+            f"{path}: truncated or corrupt file ({type(exc).__name__}); {remake_hint(path)}"
         ) from None
 
 
@@ -199,14 +247,18 @@ def _remove_outputs(out: Path, names: Sequence[str]) -> None:
 class RunLock:
     """An exclusive lock file in an output folder, so two runs never write the same outputs.
 
-    A lock left by a process that no longer exists (a SIGKILLed run) is taken over.
+    A lock left by a process that no longer exists (a SIGKILLed run) is taken over. A
+    folder the lock created is removed again when the run leaves it empty (it failed
+    before writing anything), so that a refused input leaves no trace.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / ".amoc.lock"
         self._held = False
+        self._created = False
 
     def __enter__(self) -> "RunLock":
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -225,6 +277,9 @@ class RunLock:
                     fh.write(str(os.getpid()))
             except OSError as exc:
                 self.path.unlink(missing_ok=True)
+                if self._created:
+                    with contextlib.suppress(OSError):
+                        self.path.parent.rmdir()
                 raise disk_full_error(exc, self.path, len(str(os.getpid()))) or exc from None
             self._held = True
             return self
@@ -234,6 +289,9 @@ class RunLock:
         if self._held:
             self.path.unlink(missing_ok=True)
             self._held = False
+            if self._created:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only succeeds when nothing was put there
 
 
 def _read_pid(path: Path) -> int | None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from amoc.errors import DataError
+from amoc.io import remake_hint
 
 SPLITS = ("train", "test")
 # The spec's CIFAR-10 normalisation, recorded in stats.json for cifar10 whatever the subset.
@@ -37,11 +38,11 @@ def load_split(folder: str | os.PathLike, split: str) -> tuple[torch.Tensor, tor
         with np.load(path, allow_pickle=False) as blob:
             x, y = blob["x"], blob["y"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: unreadable prepared data ({type(exc).__name__}); rerun `amoc download`") from None
+        raise DataError(f"{path}: unreadable prepared data ({type(exc).__name__}); {remake_hint(path)}") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or y.shape != (x.shape[0],):
         raise DataError(
             f"{path}: expected x uint8 N x 3 x H x W and y of length N, got x {x.dtype} {x.shape}, y {y.shape}; "
-            "rerun `amoc download`"
+            f"{remake_hint(path)}"
         )
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
@@ -53,4 +54,4 @@ def load_stats(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable stats ({type(exc).__name__}); rerun `amoc download`") from None
+        raise DataError(f"{path}: unreadable stats ({type(exc).__name__}); {remake_hint(path)}") from None

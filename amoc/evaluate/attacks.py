@@ -28,7 +28,7 @@ from amoc.config import AttackConfig, Config
 from amoc.data.prepared import load_split, load_stats
 from amoc.errors import DataError
 from amoc.io import RunLock, write_json, write_text
-from amoc.nets.classifier import Classifier, read_classifier
+from amoc.nets.classifier import Classifier, check_classifier, read_classifier
 from amoc.runtime import Runtime, oom_hint, setup
 
 CURVE_COLUMNS = ("eps_255", "eps", "accuracy", "n_images")
@@ -168,11 +168,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         best_path = Path(args.model).with_name("classifier_best.pt")
         x, y = load_split(args.data, "test")
         num_classes = int(load_stats(args.data).get("num_classes", model.num_classes))
-        if num_classes != model.num_classes:
-            raise DataError(
-                f"{args.data}: {num_classes} classes, but {args.model} predicts {model.num_classes}; "
-                "evaluate on the data set the classifier was trained on"
-            )
+        width = None if cfg.pretrain.from_encoder.path else cfg.model.width  # an imported encoder has its own
+        check_classifier(model, args.model, num_classes=num_classes, data=args.data, width=width)
         n = min(e.n_images or len(x), len(x))
         if n == 0:
             raise DataError(f"{args.data}: the test split is empty; nothing to evaluate")

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amoc.errors import CheckpointError
-from amoc.io import torch_load, torch_save
+from amoc.errors import CheckpointError, DataError
+from amoc.io import remake_hint, torch_load, torch_save
 from amoc.nets.dual_bn import Branch, DualBatchNorm2d
 from amoc.nets.resnet import Encoder, build_encoder
 from amoc.nets.store import encoder_meta
@@ -83,11 +83,28 @@ def read_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]
         model.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: damaged amoc classifier file ({first}); rerun the stage that wrote it"
-        ) from None
+        raise CheckpointError(f"{path}: damaged amoc classifier file ({first}); {remake_hint(path)}") from None
     provenance = blob.get("provenance")
     return model.eval(), provenance if isinstance(provenance, dict) else {}
+
+
+def check_classifier(
+    model: Classifier, path: str | os.PathLike, *, num_classes: int, data: str | os.PathLike, width: float | None
+) -> None:
+    """Refuse a classifier that other params made: another number of classes than the data
+    set in `data` has, or (when `width` is given: params' model.width) another encoder
+    width. Such a file is stale, e.g. copied from another experiment or left from before a
+    params change; one DataError line names it and the stage that makes it again."""
+    if model.num_classes != num_classes:
+        raise DataError(
+            f"{path}: a classifier of {model.num_classes} classes, but the data set {data} has {num_classes}; it "
+            f"was made for another data set: {remake_hint(path)}"
+        )
+    if width is not None and abs(model.encoder.width - width) > 1e-9:
+        raise DataError(
+            f"{path}: a classifier of width {model.encoder.width:g}, but params say model.width {width:g}; it was "
+            f"made with other params: {remake_hint(path)}"
+        )
 
 
 def load_classifier(path: str | os.PathLike) -> Classifier:

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from amoc.errors import CheckpointError
-from amoc.io import torch_load, torch_save
+from amoc.io import remake_hint, torch_load, torch_save
 from amoc.nets.resnet import Encoder, build_encoder
 
 ENCODER_FORMAT = "amoc-encoder/1"
@@ -40,7 +40,8 @@ def load_encoder_file(path: str | os.PathLike) -> tuple[Encoder, dict[str, Any]]
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
         raise CheckpointError(
             f"{path}: not an amoc encoder file (format "
-            f"{blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, expected {ENCODER_FORMAT})"
+            f"{blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}, expected {ENCODER_FORMAT}); "
+            f"{remake_hint(path)}"
         )
     meta = blob["meta"]
     encoder = build_encoder(meta["arch"], meta["width"], meta["mean"], meta["std"])
@@ -48,7 +49,7 @@ def load_encoder_file(path: str | os.PathLike) -> tuple[Encoder, dict[str, Any]]
         encoder.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path}: encoder weights do not match its recorded shape ({str(exc).splitlines()[0]})"
+            f"{path}: encoder weights do not match its recorded shape ({str(exc).splitlines()[0]}); {remake_hint(path)}"
         ) from None
     extra = blob.get("extra") or {}
     return encoder, dict(extra) if isinstance(extra, dict) else {}

@@ -10,10 +10,13 @@ import errno
 import json
 import os
 import re
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pretrain_utils import write_prepared
 
 from amoc import cli, io
@@ -234,35 +237,177 @@ def _truncate(path: Path) -> Path:
     return path
 
 
+def flip_bytes(path: Path) -> Path:
+    """16 bytes inverted in the middle of the largest record of a zip file (a checkpoint's
+    biggest tensor): bit rot or a bad copy, which leaves the file's length as it was."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    with open(path, "rb") as fh:  # the data starts after the record's local header
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(fh.read(2), "little"), int.from_bytes(fh.read(2), "little")
+    middle = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    raw[middle : middle + 16] = bytes(b ^ 0xFF for b in raw[middle : middle + 16])
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_files(params, data, tmp_path_factory) -> Path:
+    """runs/pretrain/encoder.pt and runs/slf/classifier.pt (+ classifier_best.pt) where the
+    pipeline keeps them, made once; tests copy them before damaging them."""
+    runs = tmp_path_factory.mktemp("pipeline") / "runs"
+    torch.manual_seed(0)
+    encoder = build_encoder(width=0.0625, mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_encoder(runs / "pretrain" / "encoder.pt", encoder, extra={"bn_branch": "adv"})
+    argv = ["--mode", "slf", "--encoder", str(runs / "pretrain" / "encoder.pt"), "--data", str(data)]
+    assert amoc("probe", params, *argv, "--out", str(runs / "slf")) == 0
+    return runs
+
+
+@pytest.fixture
+def runs(pipeline_files, tmp_path) -> Path:
+    """A fresh copy of pipeline_files for one test to damage."""
+    shutil.copytree(pipeline_files, tmp_path / "runs", ignore=shutil.ignore_patterns("checkpoints", ".*"))
+    return tmp_path / "runs"
+
+
+PRETRAIN_HINT = "re-make it with `dvc repro -f -s pretrain` (or `amoc pretrain`)"
+SLF_HINT = "re-make it with `dvc repro -f -s probe@slf` (or `amoc probe --mode slf`)"
+
+
+def test_the_remake_hints_name_the_dvc_stages_that_write_the_files(repo_root):
+    """Each hint's `dvc repro -f -s STAGE` names a stage of dvc.yaml that has the file
+    among its outputs (so that renaming a stage there fails here)."""
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+
+    def outs(name: str) -> list[str]:
+        base, _, item = name.partition("@")
+        stage = stages[base]
+        if item:  # foreach: the item's resolved body
+            stage = yaml.safe_load(yaml.safe_dump(stage["do"]).replace("${item}", item))
+        return [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+
+    files = ["data/prepared/train.npz", "data/prepared/stats.json", "runs/pretrain/encoder.pt"]
+    files += [
+        f"runs/{m}/{f}" for m in ("slf", "alf", "aff", "scratch") for f in ("classifier.pt", "classifier_best.pt")
+    ]
+    for path in files:
+        stage = re.search(r"`dvc repro -f -s (\S+)`", io.remake_hint(path))[1]
+        assert any(path == o or path.startswith(o + "/") for o in outs(stage)), (path, stage)
+
+
 @pytest.mark.parametrize("stage", ["probe", "finetune"])
-def test_truncated_encoder_is_one_line_exit_2(params, data, encoder_file, tmp_path, capsys, stage):
-    _truncate(encoder_file)
+def test_truncated_encoder_is_one_line_exit_2(params, data, runs, tmp_path, capsys, stage):
+    encoder = _truncate(runs / "pretrain" / "encoder.pt")
     flag = ["--mode", "slf", "--encoder"] if stage == "probe" else ["--init"]
-    assert amoc(stage, params, *flag, str(encoder_file), "--data", str(data), "--out", str(tmp_path / "o")) == 2
+    capsys.readouterr()
+    assert amoc(stage, params, *flag, str(encoder), "--data", str(data), "--out", str(tmp_path / "o")) == 2
     assert one_line_error(capsys, stage) == (
-        f"amoc {stage}: error: {encoder_file}: truncated or corrupt checkpoint "
-        "(RuntimeError); delete it or rerun the stage that writes it"
+        f"amoc {stage}: error: {encoder}: truncated or corrupt file (RuntimeError); {PRETRAIN_HINT}"
     )
-    assert not (tmp_path / "o" / "classifier.pt").exists()
+    assert not (tmp_path / "o").exists()  # nothing written, not even the output folder
 
 
-def test_truncated_classifier_is_one_line_exit_2(params, data, encoder_file, tmp_path, capsys):
-    out = tmp_path / "probe"
-    assert (
-        amoc("probe", params, "--mode", "slf", "--encoder", str(encoder_file), "--data", str(data), "--out", str(out))
-        == 0
+def test_truncated_classifier_is_one_line_exit_2(params, data, runs, tmp_path, capsys):
+    model = _truncate(runs / "slf" / "classifier.pt")
+    capsys.readouterr()
+    assert amoc("evaluate", params, "--model", str(model), "--data", str(data), "--out", str(tmp_path / "e")) == 2
+    assert one_line_error(capsys, "evaluate") == (
+        f"amoc evaluate: error: {model}: truncated or corrupt file (RuntimeError); {SLF_HINT}"
     )
-    _truncate(out / "classifier.pt")
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("stage, split", [("pretrain", "train"), ("probe", "train"), ("evaluate", "test")])
+def test_truncated_prepared_data_is_one_line_exit_2(params, data, runs, tmp_path, capsys, stage, split):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(data, prepared)
+    _truncate(prepared / f"{split}.npz")
+    args = {
+        "pretrain": [],
+        "probe": ["--mode", "slf", "--encoder", str(runs / "pretrain" / "encoder.pt")],
+        "evaluate": ["--model", str(runs / "slf" / "classifier.pt")],
+    }[stage]
+    sets = PRETRAIN_SETS if stage == "pretrain" else FAST
+    capsys.readouterr()
+    assert amoc(stage, params, *args, "--data", str(prepared), "--out", str(tmp_path / "o"), sets=sets) == 2
+    assert one_line_error(capsys, stage) == (
+        f"amoc {stage}: error: {prepared / f'{split}.npz'}: unreadable prepared data (BadZipFile); re-make it with "
+        f"`dvc repro -f -s download` (or `amoc download --out {prepared}`)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "classifier"])
+def test_flipped_bytes_in_a_model_file_are_one_line_exit_2(params, data, runs, tmp_path, capsys, kind):
+    """Bytes flipped inside a tensor: torch.load reads such a file without complaint (other
+    weights, silently); the zip's CRC-32 catches it."""
+    if kind == "encoder":
+        path, stage, args, hint = (
+            runs / "pretrain" / "encoder.pt",
+            "probe",
+            ["--mode", "slf", "--encoder"],
+            PRETRAIN_HINT,
+        )
+    else:
+        path, stage, args, hint = runs / "slf" / "classifier.pt", "evaluate", ["--model"], SLF_HINT
+    flip_bytes(path)
+    capsys.readouterr()
+    assert amoc(stage, params, *args, str(path), "--data", str(data), "--out", str(tmp_path / "o")) == 2
+    assert re.fullmatch(
+        rf"amoc {stage}: error: {re.escape(str(path))}: corrupt file \(CRC-32 mismatch in its record "
+        rf"archive/data/\d+: bytes changed on disk or in transfer\); {re.escape(hint)}",
+        one_line_error(capsys, stage),
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(params, data, tmp_path, capsys):
+    """Epoch 2's checkpoint with flipped bytes: --resume warns, naming it, resumes from
+    epoch 1's and ends with the weights and log of the uninterrupted run."""
+    out = tmp_path / "run"
+    assert amoc("pretrain", params, "--data", str(data), "--out", str(out), sets=PRETRAIN_SETS) == 0
+    first = {k: v.clone() for k, v in io.torch_load(out / "encoder.pt")["state_dict"].items()}
+    log = (out / "log.csv").read_text()
+    newest = flip_bytes(sorted((out / "checkpoints").glob("epoch-0002-*"))[0])
+    capsys.readouterr()
+    assert amoc("pretrain", params, "--data", str(data), "--out", str(out), "--resume", sets=PRETRAIN_SETS) == 0
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"^warning: {re.escape(str(newest))}: corrupt file \(CRC-32 mismatch in its record archive/data/\d+: "
+        r"bytes changed on disk or in transfer\); delete it; falling back to an older checkpoint$",
+        err,
+        re.M,
+    ), err
+    assert "pretrain: resuming at epoch 2, step 0" in err
+    second = io.torch_load(out / "encoder.pt")["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    strip = lambda text: [row.split(",")[:5] for row in text.splitlines()]  # noqa: E731 (timing columns aside)
+    assert strip((out / "log.csv").read_text()) == strip(log)
+    assert io.torch_load(newest)["epoch"] == 2  # written again, whole
+
+
+@pytest.mark.parametrize("what", ["width", "classes"])
+def test_a_classifier_made_with_other_params_is_refused(params, data, runs, tmp_path, capsys, what):
+    """A classifier.pt of another encoder width than model.width, or of another number of
+    classes than the data set: stale (another experiment's, or from before a params
+    change); one line naming it and the stage that makes it again; nothing written."""
+    model = runs / "slf" / "classifier.pt"
+    if what == "width":
+        sets, expected = FAST + ["model.width=0.125"], "a classifier of width 0.0625, but params say model.width 0.125"
+        folder = data
+    else:
+        sets, folder = FAST, write_prepared(tmp_path / "three", n_train=16, n_test=8, classes=3)
+        expected = f"a classifier of 4 classes, but the data set {folder} has 3"
     capsys.readouterr()
     assert (
-        amoc(
-            "evaluate", params, "--model", str(out / "classifier.pt"), "--data", str(data), "--out", str(tmp_path / "e")
-        )
+        amoc("evaluate", params, "--model", str(model), "--data", str(folder), "--out", str(tmp_path / "e"), sets=sets)
         == 2
     )
     err = one_line_error(capsys, "evaluate")
-    assert f"{out / 'classifier.pt'}: truncated or corrupt checkpoint" in err
-    assert not (tmp_path / "e" / "eval.json").exists()
+    assert err.startswith(f"amoc evaluate: error: {model}: {expected}; it was made ") and err.endswith(SLF_HINT), err
+    assert not (tmp_path / "e").exists()
 
 
 def test_payload_runs_under_plain_pickle(tmp_path):

@@ -199,7 +199,7 @@ def test_truncated_newest_checkpoint_falls_back_and_still_matches(params, data, 
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     code, _, err = run(pretrain_cmd(params, data, out, "--resume"))
     assert code == 0, err
-    assert f"warning: {newest}: truncated or corrupt checkpoint" in err and "falling back" in err
+    assert f"warning: {newest}: truncated or corrupt file" in err and "falling back" in err
     assert_same_run(out, reference, "encoder.pt")
 
 
