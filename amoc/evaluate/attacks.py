@@ -8,8 +8,9 @@ from reduced precision can hide gradients), batched, on the first `evaluate.n_im
 test images. An image counts as robust only if it is classified correctly both clean and
 after the attack, as AutoAttack counts it, so robust accuracy never exceeds clean.
 
-AutoAttack is the standard L-inf ensemble, configured as the original
-(amoc.attacks.autoattack).
+AutoAttack is the standard L-inf ensemble: the original code by default (a killed run
+resumes from the state file it keeps in the output folder), or torchattacks' port
+configured as the original (`evaluate.autoattack_impl`, amoc.attacks.autoattack).
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ def attack_accuracy(
     num_classes: int,
     aa_n: int,
     label: str,
+    state_path: Path | None = None,
 ) -> dict[str, Any]:
     """Clean, PGD and AutoAttack (on the first aa_n images) correctness of one classifier,
-    with timings; robust = correct clean and attacked."""
+    with timings; robust = correct clean and attacked. `state_path`: where the original
+    AutoAttack keeps its position, so that a killed evaluation resumes."""
     e, bs, n = cfg.evaluate, cfg.evaluate.batch_size, len(x)
     clean = correct(model, x, y, rt, bs)
     pgd, pgd_s = _timed(rt.device, lambda: pgd_correct(model, x, y, rt, bs, e.pgd, cfg.seed) & clean)
@@ -113,20 +116,52 @@ def attack_accuracy(
         f"{label}: PGD-{e.pgd.steps} (eps {e.pgd.eps * 255:g}/255): {n} images in {pgd_s:.1f} s = "
         f"{n / pgd_s:.1f} images/s"
     )
-    aa, aa_s, aa_worst = None, None, None
+    aa, aa_s, aa_worst, per_attack, resumed, per_attack_s = None, None, None, None, None, None
     if e.autoattack:
-        (aa, aa_worst), aa_s = _timed(
+        result, aa_s = _timed(
             rt.device,
-            lambda: autoattack.autoattack_correct(model, x[:aa_n], y[:aa_n], rt, bs, e.pgd.eps, num_classes, cfg.seed),
+            lambda: autoattack.run_autoattack(
+                model,
+                x[:aa_n],
+                y[:aa_n],
+                rt,
+                bs,
+                e.pgd.eps,
+                num_classes,
+                cfg.seed,
+                impl=e.autoattack_impl,
+                state_path=state_path,
+            ),
         )
-        aa = aa & clean[:aa_n]
+        aa, aa_worst, per_attack, resumed = (
+            result.correct & clean[:aa_n],
+            result.worst,
+            result.per_attack,
+            result.resumed,
+        )
+        per_attack_s = result.seconds
+        impl = result.implementation
+        if resumed:
+            done = ", ".join(resumed["attacks_done"]) or "no attack"
+            print(f"{label}: AutoAttack resumed from {state_path}: {done} done, not recomputed")
+        steps = ", ".join(f"{a['attack'].upper()} {a['robust_acc']}%" for a in per_attack)
         print(
-            f"{label}: AutoAttack (standard, Linf eps {e.pgd.eps * 255:g}/255): {aa_n} images in {aa_s:.1f} s "
-            f"= {aa_n / aa_s:.2f} images/s"
+            f"{label}: AutoAttack (standard, Linf eps {e.pgd.eps * 255:g}/255, {impl['name']}: {impl['package']} "
+            f"{impl['version']}): {aa_n} images in {aa_s:.1f} s = {aa_n / aa_s:.2f} images/s; robust after {steps}"
         )
         if aa_worst > e.pgd.eps + 1e-5:
             print(f"warning: AutoAttack returned a perturbation of {aa_worst * 255:.3f}/255 > eps", flush=True)
-    return {"clean": clean, "pgd": pgd, "aa": aa, "pgd_s": pgd_s, "aa_s": aa_s, "aa_worst": aa_worst}
+    return {
+        "clean": clean,
+        "pgd": pgd,
+        "aa": aa,
+        "pgd_s": pgd_s,
+        "aa_s": aa_s,
+        "aa_worst": aa_worst,
+        "aa_per_attack": per_attack,
+        "aa_per_attack_s": per_attack_s,
+        "aa_resumed": resumed,
+    }
 
 
 def _summary(r: dict[str, Any], aa_n: int) -> dict[str, Any]:
@@ -135,6 +170,9 @@ def _summary(r: dict[str, Any], aa_n: int) -> dict[str, Any]:
         "clean_acc": _pct(r["clean"]),
         "pgd_acc": _pct(r["pgd"]),
         "autoattack_acc": aa,
+        # robust accuracy (% of the AutoAttack images) after each attack of the ensemble, in order
+        "autoattack_per_attack": r.get("aa_per_attack"),
+        "autoattack_resumed": r.get("aa_resumed"),
         # the three numbers on the AutoAttack images, for a like-for-like comparison
         "subset": {
             "n_images": aa_n,
@@ -177,12 +215,17 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         bs = e.batch_size
         aa_n = min(e.autoattack_images or n, n)
 
-        last = attack_accuracy(model, x, y, rt, cfg, num_classes, aa_n, "last epoch")
+        states = {k: out / f".autoattack-state-{k}.pt" for k in ("last", "best")}  # resume after a kill
+        last = attack_accuracy(model, x, y, rt, cfg, num_classes, aa_n, "last epoch", states["last"])
         best = None
         if best_path.is_file() and Path(args.model).name != best_path.name:
             best_model, best_prov = _load(best_path, rt)
             same = _same_weights(model, best_model)
-            scores = last if same else attack_accuracy(best_model, x, y, rt, cfg, num_classes, aa_n, "best epoch")
+            scores = (
+                last
+                if same
+                else attack_accuracy(best_model, x, y, rt, cfg, num_classes, aa_n, "best epoch", states["best"])
+            )
             best = {
                 "model": str(best_path),
                 "epoch": best_prov.get("epoch"),
@@ -235,7 +278,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                     "square_queries": autoattack.AUTOATTACK_QUERIES,
                     "square_rescale_schedule": autoattack.SQUARE_RESCALE_SCHEDULE,
                     "n_target_classes": autoattack.n_target_classes(num_classes),
-                    "library": f"torchattacks {autoattack.torchattacks_version()}",
+                    "implementation": autoattack.implementation(e.autoattack_impl),
+                    "library": "{package} {version}".format(**autoattack.implementation(e.autoattack_impl)),
+                    "resumable": e.autoattack_impl == "original",
                     "seed": cfg.seed,
                     "max_perturbation_255": None if aa_worst is None else round(aa_worst * 255, 4),
                 },
@@ -252,12 +297,16 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                 "pgd_images_per_s": round(n / last["pgd_s"], 2),
                 "autoattack_seconds": None if aa_s is None else round(aa_s, 3),
                 "autoattack_images_per_s": None if aa_s is None else round(aa_n / aa_s, 3),
+                # per attack (the original implementation; a resumed run adds the time before the kill)
+                "autoattack_seconds_per_attack": last["aa_per_attack_s"],
             },
         }
         lines = [",".join(CURVE_COLUMNS)] + [",".join(str(r[c]) for c in CURVE_COLUMNS) for r in curve_rows]
         write_text(out / "curve.csv", "\n".join(lines) + "\n")
         write_json(out / "eval.json", result)
         write_json(out / "metrics.json", headline(result))
+        for state in states.values():  # finished: nothing to resume
+            state.unlink(missing_ok=True)
         aa_txt = "off" if result["autoattack_acc"] is None else f"{result['autoattack_acc']:.2f}% ({aa_n} images)"
         print(
             f"{args.model}: clean {result['clean_acc']:.2f}%, PGD-{e.pgd.steps} {result['pgd_acc']:.2f}% "
