@@ -133,6 +133,18 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 @_stage(
+    "robustbench",
+    "amoc.evaluate.robustbench:run",
+    "write RobustBench's model-info JSON (as benchmark(to_disk=True) does) from a full-test-set evaluation",
+)
+def _robustbench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", required=True, help="the folder of `amoc evaluate`'s eval.json, e.g. runs/aff/eval")
+    p.add_argument("--data", default="data/prepared", help="folder written by `amoc download` (default: %(default)s)")
+    p.add_argument("--name", required=True, help="RobustBench's model name, <Name><Year><FirstWordOfTheTitle>")
+    p.add_argument("--out", default="model_info", help="writes OUT/<dataset>/Linf/NAME.json (default: %(default)s)")
+
+
+@_stage(
     "corruptions",
     "amoc.robustness.corruptions:run",
     "CIFAR-10-C / CIFAR-100-C: fetch the official set, or generate an offline approximation",
