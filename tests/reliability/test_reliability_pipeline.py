@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline.test_pipeline_repro import _env, make_workspace, metrics, run
+from pipeline.test_pipeline_repro import BIN, _env, make_workspace, metrics, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -100,3 +100,33 @@ def test_dvc_repro_stopped_mid_stage_resumes_from_its_checkpoint(reference, tmp_
     assert f"pretrain: resuming at epoch 2, step {stopped[1]} from" in again, again[-3000:]  # not from scratch
     assert pretrain_files(ws) == reference
     assert run("dvc", "status", "-q", "pretrain", cwd=ws, check=False).returncode == 0
+
+
+# ----------------------------------------------------------------------------- item 6
+def test_snakemake_and_its_job_killed_mid_rule_reruns_incomplete_and_resumes(reference, tmp_path):
+    """SIGKILL to Snakemake and the job together (no cleanup runs): Snakemake's own lock
+    stays (`--unlock` clears it), the rule's outputs on disk (log.csv) are flagged
+    incomplete, so Snakemake refuses them as results; `--rerun-incomplete` re-runs the
+    rule, which resumes from epoch 1's checkpoint (checkpoints are not outputs of the rule,
+    so Snakemake keeps them)."""
+    ws = make_workspace(tmp_path / "ws", dvc=False)
+    target = [f"{PRETRAIN}/metrics.json"]
+    proc = start([str(BIN / "snakemake"), "--cores", "1", *target], ws)
+    wait_mid_epoch_2(proc, ws)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert (ws / PRETRAIN / "log.csv").is_file() and not (ws / PRETRAIN / "encoder.pt").exists()
+
+    snakemake = [str(BIN / "snakemake"), "--cores", "1"]
+    refused = run(*snakemake, *target, cwd=ws, check=False)
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "IncompleteFilesException" in text and "--rerun-incomplete" in text, text
+    assert "Incomplete files:\nruns/pretrain/log.csv" in text, text
+    locked = run(*snakemake, "--rerun-incomplete", *target, cwd=ws, check=False)  # the killed run's lock
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr, locked.stdout + locked.stderr
+    run(*snakemake, "--unlock", cwd=ws)
+    run(*snakemake, "--rerun-incomplete", *target, cwd=ws)
+    assert "pretrain: resuming at epoch 2, step 0 from" in (ws / "logs" / "pretrain.log").read_text()
+    assert pretrain_files(ws) == reference
+    done = run(*snakemake, "-n", *target, cwd=ws)
+    assert "Nothing to be done" in done.stdout + done.stderr
