@@ -16,6 +16,7 @@ Each takes 30 s to 2 min on 2 shared cores: all are `slow`.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline.test_pipeline_repro import BIN, _env, make_workspace, metrics, run
+from pipeline.test_pipeline_repro import BIN, _env, edit_params, make_workspace, metrics, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -130,3 +131,85 @@ def test_snakemake_and_its_job_killed_mid_rule_reruns_incomplete_and_resumes(ref
     assert pretrain_files(ws) == reference
     done = run(*snakemake, "-n", *target, cwd=ws)
     assert "Nothing to be done" in done.stdout + done.stderr
+
+
+# ----------------------------------------------------------------------------- item 4
+SEEDS = (1, 2, 3, 4)
+
+
+def experiments(ws: Path, prefix: str) -> dict[int, list[dict]]:
+    """{seed: [{"rev", "metrics", "encoder" md5}]} of the experiments named prefix-* in `dvc exp show`."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and str(node.get("name")).startswith(prefix) and "params" in data:
+                seed = data["params"]["params.yaml"]["data"]["seed"]
+                outs = data.get("outs") or {}
+                found.setdefault(seed, []).append(
+                    {
+                        "rev": data["rev"],
+                        "metrics": data["metrics"][f"{PRETRAIN}/metrics.json"]["data"],
+                        "encoder": outs[f"{PRETRAIN}/encoder.pt"]["hash"],
+                    }
+                )
+            for value in node.values():
+                walk(value)
+
+    walk(json.loads(run("dvc", "exp", "show", "--json", cwd=ws).stdout))
+    return found
+
+
+def committed(ws: Path, rev: str) -> dict:
+    """The experiment's own summary.json and log.csv (git keeps them: cache: false)."""
+    summary = json.loads(run("git", "show", f"{rev}:{PRETRAIN}/summary.json", cwd=ws).stdout)
+    log = [
+        {k: v for k, v in row.items() if k not in TIMING}
+        for row in csv.DictReader(run("git", "show", f"{rev}:{PRETRAIN}/log.csv", cwd=ws).stdout.splitlines())
+    ]
+    return {"summary": {k: v for k, v in summary.items() if not re.search(r"seconds|per_s", k)}, "log": log}
+
+
+def small_workspace(path: Path) -> Path:
+    """The tiny workspace on 512 training images (4x faster pre-training), data prepared
+    and committed, so that experiments only run pretrain."""
+    ws = make_workspace(path, dvc=True)
+    edit_params(ws, data={"train_limit": 512, "test_limit": 128})
+    run("dvc", "repro", "download", cwd=ws)
+    run("git", "add", "-A", cwd=ws)
+    run("git", "commit", "-q", "-m", "data", cwd=ws)
+    return ws
+
+
+def test_queued_experiments_two_at_a_time_match_the_same_experiments_one_by_one(tmp_path):
+    alone = small_workspace(tmp_path / "alone")  # separate workspaces: no shared run cache
+    for seed in SEEDS:
+        run("dvc", "exp", "run", "-n", f"alone-{seed}", "-S", f"seed={seed}", "pretrain", cwd=alone)
+    queued = small_workspace(tmp_path / "queued")
+    for seed in SEEDS:
+        run("dvc", "exp", "run", "--queue", "-n", f"queued-{seed}", "-S", f"seed={seed}", "pretrain", cwd=queued)
+    try:
+        run("dvc", "queue", "start", "-j", "2", cwd=queued)
+        deadline = time.monotonic() + 600
+        while re.search(r"\b(Queued|Running)\b", run("dvc", "queue", "status", cwd=queued).stdout):
+            assert time.monotonic() < deadline, "the queue did not finish"
+            time.sleep(2)
+        status = run("dvc", "queue", "status", cwd=queued).stdout
+        assert status.count("Success") == len(SEEDS), status
+    finally:
+        run("dvc", "queue", "stop", "--kill", cwd=queued, check=False)
+
+    one, two = experiments(alone, "alone-"), experiments(queued, "queued-")
+    assert sorted(one) == sorted(two) == list(SEEDS), (one, two)
+    assert all(len(one[s]) == len(two[s]) == 1 for s in SEEDS), (one, two)
+    for seed in SEEDS:
+        a, b = one[seed][0], two[seed][0]
+        assert b["metrics"] == a["metrics"], seed
+        assert b["encoder"] == a["encoder"], seed  # the same encoder.pt, byte for byte (md5)
+        assert committed(queued, b["rev"]) == committed(alone, a["rev"]), seed  # summary.json, log.csv
+    # four different results, so that an experiment holding another's files would show above
+    assert len({two[s][0]["encoder"] for s in SEEDS}) == len({str(two[s][0]["metrics"]) for s in SEEDS}) == 4
