@@ -228,9 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             preset = preset_overrides(args.preset)
         params = args.params
-        if args.stage == "params" and params == DEFAULT_PARAMS and not Path(params).exists():
-            # a workspace from nothing: `amoc params [--preset X] --out params.yaml` anywhere
-            print("amoc params: no params.yaml here; starting from the package's defaults", file=sys.stderr)
+        if args.stage in ("params", "import-encoder") and params == DEFAULT_PARAMS and not Path(params).exists():
+            # a workspace from nothing: `amoc params [--preset X] --out params.yaml` anywhere;
+            # `amoc import-encoder` reads no param, so it converts a download anywhere too
+            if args.stage == "params":
+                print("amoc params: no params.yaml here; starting from the package's defaults", file=sys.stderr)
             params = None
         cfg = config_mod.load(params, args.overrides, preset=preset)
         module_name, func_name = target.split(":")

@@ -204,3 +204,12 @@ def test_the_sha256_is_checked_before_reading(tmp_path, capsys):
     torch.save(resnet18_state("authors", 0.0625), src)
     err = _fails(tmp_path, capsys, "--from", "authors", str(src), "--sha256", "0" * 64)
     assert "does not match the expected" in err
+
+
+def test_it_converts_a_download_outside_a_project_folder(tmp_path, monkeypatch, capsys):
+    """No params.yaml in the working folder: import-encoder reads no param, it just converts."""
+    src = tmp_path / "paras.pt"
+    torch.save(resnet18_state("authors", 0.0625), src)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["import-encoder", "--from", "authors", "paras.pt", "--out", "encoder.pt"]) == 0
+    assert (tmp_path / "encoder.pt").is_file() and "no params.yaml" not in capsys.readouterr().err
