@@ -14,9 +14,12 @@ and adds what that loop lacks:
   the current attack) is written atomically to `state_path`; a run killed and started
   again with the same model, images and settings continues from there, recomputing no
   finished attack and no finished batch, and ends with the same flags. (The original's
-  own state file cannot do this here: it is rewritten in place, so a kill while writing
-  corrupts it, and a restored run raises UnboundLocalError on `y_adv` as soon as an
-  attack breaks an image.)
+  own state file cannot do this, as checked with pyautoattack 0.2.0: it stores the set
+  of attacks as a Python string (json.dump with default=str), so every restore is refused
+  with "ValueError: The state was created with a different set of attacks to run"; with
+  that repaired, a restored run raises "UnboundLocalError: ... 'y_adv'" as soon as an
+  attack breaks an image; and the file is rewritten in place, so a kill while it is
+  written corrupts it.)
 
 The model's checks that the original runs first (randomised or dynamic defence, logits,
 target classes) run once, with their warnings on the `auto-attack` logger.
