@@ -100,8 +100,11 @@ def disk_full_error(exc: BaseException, path: str | os.PathLike | None = None, s
         return None
     path = Path(path if path is not None else full.filename or ".")
     need = f"needs {_human(size)}, " if size > 0 else f"needs more than the {_human(-size)} written, " if size else ""
+    where = path if path.is_dir() else path.parent
+    while not where.exists() and where != where.parent:  # a folder removed on the way out
+        where = where.parent
     try:
-        free = f"{_human(shutil.disk_usage(path if path.is_dir() else path.parent).free)} free"
+        free = f"{_human(shutil.disk_usage(where).free)} free"
     except OSError:
         free = "free space unknown"
     return AmocError(
