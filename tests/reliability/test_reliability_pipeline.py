@@ -15,6 +15,7 @@ Each takes 30 s to 2 min on 2 shared cores: all are `slow`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -45,9 +46,25 @@ def pretrain_files(ws: Path) -> dict:
 def start(cmd: list[str], ws: Path) -> subprocess.Popen:
     """In a session of its own, as a terminal's foreground job: a signal to the group
     reaches the engine and the stage, as Ctrl-C does."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, cwd=ws, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+    STARTED.append(proc)
+    return proc
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def reap():
+    """The engine and its stage, if a failed test leaves them running."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the stage may outlive the engine
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def wait_mid_epoch_2(proc: subprocess.Popen, ws: Path, fraction: float = 0.4, timeout: float = 300) -> None:

@@ -8,6 +8,7 @@ epochs (about 2 s each on 2 shared cores). Rank 1 is SIGKILLed mid-epoch 2.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -59,7 +60,29 @@ def torchrun(params: Path, prepared: Path, out: Path, *launcher: str, late_rank0
         "AMOC_TEST_PIDS": str(out.parent / "pids"),
         "AMOC_TEST_LATE_RANK0": str(late_rank0),
     }
-    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    STARTED.append((proc, out.parent / "pids"))
+    return proc
+
+
+STARTED: list[tuple[subprocess.Popen, Path]] = []
+
+
+@pytest.fixture(autouse=True)
+def reap():
+    """Whatever a failed test leaves running (a hung restart): torchrun's group and every
+    worker that recorded its pid are killed."""
+    yield
+    while STARTED:
+        proc, pids = STARTED.pop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for record in pids.glob("rank*") if pids.is_dir() else ():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(record.read_text()), signal.SIGKILL)
+        proc.communicate()
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
