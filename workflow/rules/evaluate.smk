@@ -10,7 +10,7 @@ rule evaluate:  # clean, PGD-20 and AutoAttack accuracy, plus accuracy against e
     wildcard_constraints:
         model="|".join(MODELS),
     params:
-        **cfg("seed", "evaluate", "runtime.precision"),
+        **cfg("seed", "evaluate", "runtime.precision", "model.width", "pretrain.from_encoder"),
         gpu_slot=gpu_slot,
     log:
         "logs/evaluate_{model}.log",
