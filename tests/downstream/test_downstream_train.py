@@ -11,6 +11,7 @@ import pytest
 import torch
 from downstream_helpers import make_prepared, params_file, random_encoder, run_stage
 
+from amoc import config
 from amoc.downstream import trainer
 from amoc.nets import DualBatchNorm2d
 from amoc.nets.classifier import load_classifier, read_classifier
@@ -74,7 +75,8 @@ def test_probe_trains_only_the_head(setup, mode, alf_loss):
     assert model.head.weight.abs().sum() > 0 and model.bn_branch == "adv"
     rows = read_log(out / "log.csv")
     assert list(rows[0]) == list(trainer.LOG_COLUMNS) and [r["epoch"] for r in rows] == ["1", "2"]
-    assert [float(r["lr"]) for r in rows] == pytest.approx([0.1, 0.01])  # milestone at epoch 1
+    lr = config.load(setup["params"]).probe.lr  # the tiny preset's
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr, lr / 10])  # milestone at epoch 1
     metrics = json.loads((out / "summary.json").read_text())
     assert metrics["epochs"] == 2 and metrics["mode"] == mode and metrics["n_train"] == 128
     assert metrics["loss_fn"] == ("ce" if mode == "slf" else alf_loss)

@@ -472,7 +472,17 @@ def _classifier(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = Classifier(build_encoder("resnet18", 0.125), 10)
     torch.nn.init.normal_(model.head.weight, std=2.0)
-    save_classifier(path, model)
+    # BN statistics of images, as training leaves them: with its initial running
+    # statistics an untrained encoder (the authors' fan-out init) maps every image to
+    # nearly the same feature, and the head predicts one class for all of them
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None  # one forward sets the running statistics to its batch's
+    with torch.no_grad():
+        model.train()(torch.rand(256, 3, 32, 32))
+    for bn in bns:
+        bn.momentum = 0.1
+    save_classifier(path, model.eval())
 
 
 def test_evaluate_agrees_with_a_direct_loop(digits_dir, tmp_path, capsys):
