@@ -5,23 +5,28 @@ adv BN) / 2, optimised with LARS. The adversarial-BN branch goes downstream."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from amoc.attacks.pgd import pgd
-from amoc.config import ACLConfig, Config
+from amoc.config import Config
 from amoc.distributed import Dist
-from amoc.pretrain.contrastive import IMAGENET_MEAN, IMAGENET_STD, ContrastiveNet, bn_projector, build_run, contrast
+from amoc.pretrain.contrastive import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ContrastiveNet,
+    InBatchStep,
+    bn_projector,
+    build_run,
+    contrast,
+)
 from amoc.runtime import Runtime, eval_mode, frozen
 
 if TYPE_CHECKING:
     from amoc.pretrain.methods import MethodRun
-
-Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
 class Forwards(nn.Module):
@@ -35,23 +40,10 @@ class Forwards(nn.Module):
         return self.net(x_clean, "clean"), self.net(x_adv, "adv")
 
 
-class ACLStep:
+class ACLStep(InBatchStep):
     """attack -> clean and adversarial forwards -> (L_clean + L_adv) / 2 -> LARS step."""
 
-    def __init__(
-        self,
-        net: ContrastiveNet,
-        cfg: ACLConfig,
-        optimizer: torch.optim.Optimizer,
-        *,
-        autocast: Autocast = contextlib.nullcontext,
-        attack_autocast: Autocast = contextlib.nullcontext,
-        forwards: nn.Module | None = None,
-        dist: Dist = Dist(),
-    ) -> None:
-        self.net, self.cfg, self.optimizer, self.dist = net, cfg, optimizer, dist
-        self.autocast, self.attack_autocast = autocast, attack_autocast
-        self.forwards = forwards or Forwards(net)
+    forwards_type = Forwards
 
     def loss(self, z: torch.Tensor) -> torch.Tensor:
         return contrast(z, 2, self.cfg.temperature, self.dist)

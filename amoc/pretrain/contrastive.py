@@ -3,6 +3,7 @@ with a projector, their projectors, and the NT-Xent of a step's views across ran
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -73,6 +74,32 @@ def contrast(
     keys = torch.cat([dist.gather_grad(v) for v in z.chunk(views)])
     b = z.shape[0] // views
     return nt_xent(z, views, temperature, detach_keys=detach_keys, keys=keys, offset=dist.rank * b)
+
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+class InBatchStep:
+    """What the steps of the in-batch methods hold: the network, the method's section, the
+    optimiser, the training and attack precisions, the training forwards (`Forwards` of
+    the subclass's module, or the DDP-wrapped one the stage hands in) and the ranks."""
+
+    forwards_type: type[nn.Module]  # the method's module of training forwards
+
+    def __init__(
+        self,
+        net: ContrastiveNet,
+        cfg: ACLConfig | RoCLConfig,
+        optimizer: torch.optim.Optimizer,
+        *,
+        autocast: Autocast = contextlib.nullcontext,
+        attack_autocast: Autocast = contextlib.nullcontext,
+        forwards: nn.Module | None = None,
+        dist: Dist = Dist(),
+    ) -> None:
+        self.net, self.cfg, self.optimizer, self.dist = net, cfg, optimizer, dist
+        self.autocast, self.attack_autocast = autocast, attack_autocast
+        self.forwards = forwards or self.forwards_type(net)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ACL normalises with these

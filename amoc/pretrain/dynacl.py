@@ -33,7 +33,7 @@ from amoc.distributed import Dist
 from amoc.distributed.bn import synchronise_bn
 from amoc.nets import build_encoder
 from amoc.pretrain.acl import Forwards
-from amoc.pretrain.contrastive import IMAGENET_MEAN, IMAGENET_STD, ContrastiveNet, bn_projector
+from amoc.pretrain.contrastive import IMAGENET_MEAN, IMAGENET_STD, Autocast, ContrastiveNet, bn_projector
 from amoc.pretrain.lars import LARS
 from amoc.pretrain.ntxent import nt_xent
 from amoc.runtime import Runtime, eval_mode, frozen
@@ -42,8 +42,6 @@ from amoc.training.hot import hot
 
 if TYPE_CHECKING:
     from amoc.pretrain.methods import MethodRun
-
-Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
 # --------------------------------------------------------------------------- schedules

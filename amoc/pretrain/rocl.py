@@ -10,23 +10,21 @@ branch frozen at its initial values."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from amoc.attacks.pgd import pgd
-from amoc.config import Config, RoCLConfig
+from amoc.config import Config
 from amoc.distributed import Dist
-from amoc.pretrain.contrastive import ContrastiveNet, build_run, contrast, mlp_projector
+from amoc.pretrain.contrastive import ContrastiveNet, InBatchStep, build_run, contrast, mlp_projector
 from amoc.runtime import Runtime, eval_mode, frozen
 
 if TYPE_CHECKING:
     from amoc.pretrain.methods import MethodRun
 
-Autocast = Callable[[], contextlib.AbstractContextManager]
 BRANCH = "adv"  # the single BN RoCL trains
 
 
@@ -41,24 +39,11 @@ class Forwards(nn.Module):
         return self.net(x_three, BRANCH), self.net(x_pair, BRANCH)
 
 
-class RoCLStep:
+class RoCLStep(InBatchStep):
     """attack t1 -> forwards of (t1, t2, adv) and (adv, t2) -> 3-view NT-Xent + weight x
     2-view NT-Xent -> LARS step."""
 
-    def __init__(
-        self,
-        net: ContrastiveNet,
-        cfg: RoCLConfig,
-        optimizer: torch.optim.Optimizer,
-        *,
-        autocast: Autocast = contextlib.nullcontext,
-        attack_autocast: Autocast = contextlib.nullcontext,
-        forwards: nn.Module | None = None,
-        dist: Dist = Dist(),
-    ) -> None:
-        self.net, self.cfg, self.optimizer, self.dist = net, cfg, optimizer, dist
-        self.autocast, self.attack_autocast = autocast, attack_autocast
-        self.forwards = forwards or Forwards(net)
+    forwards_type = Forwards
 
     def loss(self, z: torch.Tensor, views: int) -> torch.Tensor:
         return contrast(z, views, self.cfg.temperature, self.dist, detach_keys=True)
