@@ -167,10 +167,8 @@ class Pretraining(Job):
         self.log = EpochLog(out / "log.csv" if dist.main else None, has_adv_loss=method.has_adv_loss, dist=dist)
         self.order: torch.Tensor | None = None  # the current epoch's image order
         self.lr = 0.0
-        self.clock = (0, time.perf_counter())
-        self.knn_random: float | None = (
-            None  # k-NN accuracy of the encoder before training  # (steps done, time) at the last sync, for images/s
-        )
+        self.clock = (0, time.perf_counter())  # (steps done, time) at the last sync, for images/s
+        self.knn_random: float | None = None  # k-NN accuracy of the encoder before training
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
