@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -21,6 +22,15 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from amoc.errors import AmocError, CheckpointError, LockedError
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file (an encoder a run starts from or imports, the data it trains on)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _current_umask() -> int:

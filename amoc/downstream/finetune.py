@@ -17,8 +17,8 @@ from pathlib import Path
 from amoc.config import Config
 from amoc.distributed import session
 from amoc.downstream.probe import encoder_branch
-from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
-from amoc.io import RunLock
+from amoc.downstream.trainer import TrainSpec, load_train_data, train_classifier
+from amoc.io import RunLock, file_digest
 from amoc.nets.classifier import Classifier
 from amoc.nets.resnet import build_encoder
 from amoc.nets.store import load_encoder_file

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from amoc.config import Config
 from amoc.distributed import session
-from amoc.downstream.trainer import TrainSpec, file_digest, load_train_data, train_classifier
-from amoc.io import RunLock
+from amoc.downstream.trainer import TrainSpec, load_train_data, train_classifier
+from amoc.io import RunLock, file_digest
 from amoc.nets.classifier import Classifier
 from amoc.nets.store import load_encoder_file
 from amoc.runtime import setup

@@ -21,7 +21,6 @@ rank 0 writes every file. A last batch with fewer images than ranks is skipped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from amoc.distributed.bn import synchronise_bn
 from amoc.downstream.augment import crop_flip
 from amoc.downstream.losses import TradesStart, trades_attack, trades_loss
 from amoc.errors import ConfigError, DataError
+from amoc.io import file_digest
 from amoc.nets.classifier import Classifier, save_classifier
 from amoc.runtime import Runtime, eval_mode
 from amoc.schedule import multistep, scaled_lr, set_lr
@@ -94,15 +94,6 @@ class TrainSpec:
             val_images=section.val_images,
             section=name,
         )
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file (the encoder a run starts from, the data it trains on)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Forwards(nn.Module):

@@ -27,7 +27,6 @@ Only the parts the layout names are dropped (projector, key encoder, queues).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import zipfile
@@ -38,6 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from amoc.errors import CheckpointError
+from amoc.io import file_digest
 from amoc.nets.dual_bn import Branch
 from amoc.nets.resnet import Encoder, build_encoder
 
@@ -129,14 +129,6 @@ class Imported:
     encoder: Encoder
     extra: dict[str, Any]  # what encoder.pt records (bn_branch, method, source)
     report: str  # one paragraph for the terminal: what was read, mapped and dropped
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: Path) -> Any:
@@ -371,7 +363,7 @@ def import_encoder(
     layout = LAYOUTS[layout_name]
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; give the path of the downloaded {layout.name} checkpoint")
-    digest = sha256_of(path)
+    digest = file_digest(path)
     if sha256 is not None and digest != sha256.lower():
         raise CheckpointError(
             f"{path}: sha256 {digest} does not match the expected {sha256}; set the new digest if the file "

@@ -35,6 +35,7 @@ from amoc.nets import build_encoder
 from amoc.pretrain.acl import Forwards
 from amoc.pretrain.contrastive import IMAGENET_MEAN, IMAGENET_STD, Autocast, ContrastiveNet, bn_projector
 from amoc.pretrain.lars import LARS
+from amoc.pretrain.moco import ema_update
 from amoc.pretrain.ntxent import nt_xent
 from amoc.runtime import Runtime, eval_mode, frozen
 from amoc.schedule import scaled_lr
@@ -87,12 +88,9 @@ class DynACLNet(nn.Module):
         self.key.requires_grad_(False)
         self.key_momentum = key_momentum
 
-    @torch.no_grad()
     def update_key(self) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q over every parameter (BN affine included)."""
-        key, query = list(self.key.parameters()), list(self.query.parameters())
-        torch._foreach_mul_(key, self.key_momentum)
-        torch._foreach_add_(key, query, alpha=1.0 - self.key_momentum)
+        ema_update(self.key, self.query, self.key_momentum)
 
 
 # --------------------------------------------------------------------------- step

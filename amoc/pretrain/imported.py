@@ -24,8 +24,8 @@ import torch
 from amoc.config import Config
 from amoc.data.prepared import load_split, load_stats
 from amoc.errors import ConfigError
-from amoc.io import RunLock, write_json, write_text
-from amoc.nets.import_encoder import LAYOUTS, import_encoder, sha256_of
+from amoc.io import RunLock, file_digest, write_json, write_text
+from amoc.nets.import_encoder import LAYOUTS, import_encoder
 from amoc.nets.resnet import build_encoder
 from amoc.nets.store import save_encoder
 from amoc.pretrain.knn import knn_accuracy
@@ -62,9 +62,10 @@ def pretrain_from_file(cfg: Config, data: Path, out: Path) -> dict[str, Any]:
         raise ConfigError("pretrain.from_encoder.sha256: required with pretrain.from_encoder.path")
     stats = load_stats(data)
     dataset = stats.get("name") if stats.get("name") in ("cifar10", "cifar100") else "cifar10"
-    if path.is_file() and sha256_of(path) != fe.sha256.lower():
+    digest = file_digest(path) if path.is_file() else None
+    if digest is not None and digest != fe.sha256.lower():
         raise ConfigError(
-            f"pretrain.from_encoder.sha256: {fe.sha256} does not match {path} (sha256 {sha256_of(path)}); "
+            f"pretrain.from_encoder.sha256: {fe.sha256} does not match {path} (sha256 {digest}); "
             "set the file's digest if it was replaced on purpose"
         )
     imp = import_encoder(path, fe.layout, bn_branch=fe.bn_branch, dataset=dataset, sha256=fe.sha256)

@@ -120,13 +120,19 @@ class MoCo(nn.Module):
         raise ValueError(f"unknown queue {name!r}; expected 'clean' or 'adv'")
 
     # ------------------------------------------------------------------ EMA
-    @torch.no_grad()
     def update_key(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q over the parameters (encoder and
         projector). BN running statistics are buffers and are not averaged (as in the authors' code)."""
-        key, query = list(self.key.parameters()), list(self.query.parameters())
-        torch._foreach_mul_(key, self.key_momentum)
-        torch._foreach_add_(key, query, alpha=1.0 - self.key_momentum)
+        ema_update(self.key, self.query, self.key_momentum)
+
+
+@torch.no_grad()
+def ema_update(key: nn.Module, query: nn.Module, momentum: float) -> None:
+    """theta_k <- m theta_k + (1 - m) theta_q over every parameter, in place (two fused
+    ops for the whole net); buffers such as BN running statistics are left alone."""
+    key_params, query_params = list(key.parameters()), list(query.parameters())
+    torch._foreach_mul_(key_params, momentum)
+    torch._foreach_add_(key_params, query_params, alpha=1.0 - momentum)
 
 
 class QueryPass(nn.Module):
