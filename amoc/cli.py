@@ -182,6 +182,24 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="report", help="output folder: report.md and PNG figures (default: %(default)s)")
 
 
+@_stage("compare", "amoc.report.compare:run", "DVC experiments as configurations: mean +- sd over seeds, a figure")
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiments", nargs="*", help="experiment names or revs (default: every experiment with metrics)")
+    p.add_argument("--workspace", default=".", help="the DVC project holding the experiments (default: %(default)s)")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="metrics to show, as globs: 'alf.*' 'pretrain.knn_acc'",
+    )
+    p.add_argument(
+        "--seed-key", default="seed", help="the param that varies within a configuration (default: %(default)s)"
+    )
+    p.add_argument("--figure", default=None, help="also write a PNG: per-seed points over mean +- sd bars")
+    p.add_argument("--out", default="-", help="markdown file to write (default: stdout)")
+
+
 @_stage("params", "amoc.presets:run", "print the validated params (optionally a preset) as YAML")
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="apply a bundled preset on top: " + ", ".join(_preset_names()))
@@ -228,9 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             preset = preset_overrides(args.preset)
         params = args.params
-        if args.stage in ("params", "import-encoder") and params == DEFAULT_PARAMS and not Path(params).exists():
+        if (
+            args.stage in ("params", "import-encoder", "compare")
+            and params == DEFAULT_PARAMS
+            and not Path(params).exists()
+        ):
             # a workspace from nothing: `amoc params [--preset X] --out params.yaml` anywhere;
-            # `amoc import-encoder` reads no param, so it converts a download anywhere too
+            # `amoc import-encoder` and `amoc compare` read no param, so they run anywhere too
             if args.stage == "params":
                 print("amoc params: no params.yaml here; starting from the package's defaults", file=sys.stderr)
             params = None

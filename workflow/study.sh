@@ -20,54 +20,18 @@ REPO=$(pwd)
 WS=${AMOC_STUDY_DIR:-study}
 JOBS=${AMOC_STUDY_JOBS:-2}
 SHARED=${AMOC_SHARED_DATA:-$REPO/../shared/data}
-ARCHIVE="$SHARED/cifar-10-python-subset.tar.gz"
-SUBSET_SHA256=f1c898c7ca14db7a3a2c6cacfb3057ebab65ea258d0842fb86712666b62d7b01
 t0=$SECONDS
-
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-for tool in amoc dvc git; do
-    command -v "$tool" >/dev/null || { echo "study: '$tool' not found on PATH; run it with 'make study'" >&2; exit 1; }
-done
-[ -f "$ARCHIVE" ] || { echo "study: $ARCHIVE not found; set AMOC_SHARED_DATA to the folder that holds it" >&2; exit 1; }
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
-
-say "workspace $WS/ (wiped and recreated), params: amoc params --preset study"
-rm -rf "$WS"
-mkdir -p "$WS"
-sets=(--set "data.source=$(cd "$SHARED" && pwd)/cifar-10-python-subset.tar.gz" --set "data.sha256=$SUBSET_SHA256")
-for s in ${AMOC_STUDY_SETS:-}; do sets+=(--set "$s"); done
-amoc params --preset study "${sets[@]}" --out "$WS/params.yaml"
-cp dvc.yaml .gitignore "$WS/"
-cd "$WS"
-git init -q
-git config user.name >/dev/null || git config user.name "AMOC study"
-git config user.email >/dev/null || git config user.email "study@localhost"
-dvc init -q
-dvc config core.analytics false
-git add -A
-git commit -q -m "AMOC study workspace: params (preset study) and dvc.yaml"
+# shellcheck source=workflow/study_lib.sh
+source "$REPO/workflow/study_lib.sh"
+study_checks study
+study_workspace study
 
 say "queue: 4 experiments over the DAG, $JOBS at a time"
 dvc exp run --queue -n aca-plus
 dvc exp run --queue -n aca -S variant=ACA evaluate@slf evaluate@alf
 dvc exp run --queue -n aca-plus-moco -S pretrain.enqueue_order=moco -S evaluate.autoattack=false evaluate@alf
 dvc exp run --queue -n ccc -S variant=CCC evaluate@slf evaluate@alf
-dvc queue start --jobs "$JOBS"
-queue_status() { dvc queue status 2>/dev/null || true; }  # read whole: grep -q would cut the pipe
-sleep 5
-while status=$(queue_status) && grep -qE "Queued|Running" <<< "$status"; do
-    running=$(grep -cE " Running *$" <<< "$status" || true)
-    # a DVC worker may stop while tasks are still queued (treeverse/dvc#10562): start more
-    if grep -qE " Queued *$" <<< "$status" && [ "$running" -lt "$JOBS" ]; then
-        dvc queue start --jobs "$JOBS" >/dev/null  # -j is the total number of workers
-    fi
-    sleep 30
-done
-queue_status
-if grep -q "Failed" <<< "$(queue_status)"; then
-    echo "study: an experiment failed; see \`dvc queue logs <name>\` in $WS" >&2
-    exit 1
-fi
+study_run_queue
 
 say "results"
 dvc exp show --md > exp-show.md
