@@ -196,6 +196,9 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed-key", default="seed", help="the param that varies within a configuration (default: %(default)s)"
     )
+    p.add_argument(
+        "--baseline", default=None, help="a configuration to subtract: differences with their standard error"
+    )
     p.add_argument("--figure", default=None, help="also write a PNG: per-seed points over mean +- sd bars")
     p.add_argument("--out", default="-", help="markdown file to write (default: stdout)")
 

@@ -9,6 +9,7 @@ numbers: a bar per configuration at the mean, its +-sd interval, and each seed a
     amoc compare                       # every experiment of the workspace
     amoc compare exp-a exp-b           # any two (or more) experiments, commits or branches
     amoc compare --metrics 'alf.*' --figure compare.png --out compare.md
+    amoc compare --baseline amoc       # and each configuration's difference from one, +- SE
 """
 
 from __future__ import annotations
@@ -191,6 +192,44 @@ def cell(values: list[float], n_group: int) -> str:
     return text if n == n_group else f"{text} (n={n})"
 
 
+def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """Mean of a minus mean of b, and the difference's standard error (Welch: sd_a^2/n_a +
+    sd_b^2/n_b under the root; None unless both have two values or more)."""
+    mean_a, sd_a, n_a = summary(a)
+    mean_b, sd_b, n_b = summary(b)
+    se = None if sd_a is None or sd_b is None else math.sqrt(sd_a**2 / n_a + sd_b**2 / n_b)
+    return mean_a - mean_b, se
+
+
+def difference_table(groups: list[Group], metrics: list[str], baseline: str) -> str:
+    """Each configuration's difference from `baseline`'s mean, with its standard error."""
+    base = next((g for g in groups if g.label == baseline), None)
+    if base is None:
+        raise AmocError(
+            f"--baseline {baseline!r}: no such configuration; choose one of {', '.join(g.label for g in groups)}"
+        )
+    others = [g for g in groups if g is not base]
+    lines = [
+        f"Difference from {baseline} (mean difference ± its standard error; |difference| > 2 SE is "
+        "unlikely under equal means):",
+        "",
+        "| metric | " + " | ".join(f"{g.label} - {baseline}" for g in others) + " |",
+        "|---|" + "---:|" * len(others),
+    ]
+    for m in metrics:
+        b = [e.metrics[m] for e in base.members if m in e.metrics]
+        cells = []
+        for g in others:
+            a = [e.metrics[m] for e in g.members if m in e.metrics]
+            if not a or not b:
+                cells.append("n/a")
+                continue
+            diff, se = difference(a, b)
+            cells.append(f"{diff:+.2f}" if se is None else f"{diff:+.2f} ± {se:.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(groups: list[Group], metrics: list[str], experiments: list[Experiment]) -> str:
     """One row per metric, one column per configuration: pastes into a page of any width."""
     lines = [
@@ -271,6 +310,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     groups = group(experiments, args.seed_key)
     metrics = metric_names(experiments, args.metrics)
     text = markdown(groups, metrics, experiments)
+    if args.baseline:
+        text += "\n" + difference_table(groups, metrics, args.baseline)
     if args.out == "-":
         sys.stdout.write(text)
     else:

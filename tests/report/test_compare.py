@@ -194,3 +194,13 @@ def test_compare_outside_a_dvc_project_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "not a DVC project" in err
+
+
+def test_differences_from_a_baseline_carry_welchs_standard_error():
+    exps = compare.select(compare.parse_exp_show(exp_show(STUDY)), [])
+    text = compare.difference_table(compare.group(exps), ["slf.pgd"], "amoc")
+    amoc_pgd, acl_pgd = np.array([12.0, 14.5, 11.0]), np.array([9.0, 10.0])
+    se = np.sqrt(amoc_pgd.var(ddof=1) / 3 + acl_pgd.var(ddof=1) / 2)
+    assert f"| slf.pgd | {acl_pgd.mean() - amoc_pgd.mean():+.2f} ± {se:.2f} |" in text
+    with pytest.raises(AmocError, match="--baseline 'nope': no such configuration; choose one of amoc, acl"):
+        compare.difference_table(compare.group(exps), ["slf.pgd"], "nope")
