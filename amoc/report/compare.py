@@ -2,8 +2,8 @@
 
 Reads `dvc exp show --json` in a DVC workspace (params and the `metrics:` files of every
 experiment, as git keeps them), groups the chosen experiments by their params with the
-seed left out, and prints one markdown row per configuration: mean +- standard deviation
-(n - 1 in the denominator) and n of every headline metric. `--figure` draws the same
+seed left out, and prints a markdown table with a column per configuration and a row per
+headline metric: mean +- standard deviation (n - 1 in the denominator), with n. `--figure` draws the same
 numbers: a bar per configuration at the mean, its +-sd interval, and each seed as a point.
 
     amoc compare                       # every experiment of the workspace
