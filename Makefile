@@ -24,7 +24,7 @@ demo: setup
 study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study.sh
 
-# The claim study of docs/results.md: AMOC against ACL and RoCL, batch and epochs, 3 seeds
+# The claim study of docs/results.md: AMOC against ACL and RoCL, batch and epochs, 2 seeds
 # (about 100 minutes on 2 CPU cores with AVX512-BF16; needs the CIFAR-10 subset).
 study-claim: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study_claim.sh
