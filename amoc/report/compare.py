@@ -48,6 +48,10 @@ class Experiment:
     params: dict[str, Any]
     metrics: dict[str, float]
     counts: dict[str, Any] = field(default_factory=dict)
+    state: str = "done"  # or DVC's queue states: queued, running, failed
+
+
+UNFINISHED = ("queued", "running", "failed")
 
 
 @dataclass
@@ -73,7 +77,7 @@ def metric_prefix(path: str) -> str:
     return ".".join(parts) or Path(path).stem
 
 
-def _experiment(name: str, rev: str, data: dict[str, Any]) -> Experiment:
+def _experiment(name: str, rev: str, data: dict[str, Any], state: str = "done") -> Experiment:
     params: dict[str, Any] = {}
     for file_params in (data.get("params") or {}).values():
         params.update(_flatten(file_params.get("data") or {}))
@@ -87,7 +91,7 @@ def _experiment(name: str, rev: str, data: dict[str, Any]) -> Experiment:
                 counts[full] = value
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 metrics[full] = 100.0 * value if full in FRACTIONS else float(value)
-    return Experiment(name, rev, params, metrics, counts)
+    return Experiment(name, rev, params, metrics, counts, state)
 
 
 def parse_exp_show(doc: list[dict[str, Any]]) -> list[Experiment]:
@@ -101,10 +105,11 @@ def parse_exp_show(doc: list[dict[str, Any]]) -> list[Experiment]:
             )
         # dvc lists a commit's experiments newest first; a study reads better in queue order
         for exp in reversed(commit.get("experiments") or []):
-            for run in exp.get("revs") or []:  # a queued or failed one has no data: kept, to name it
-                found.append(
-                    _experiment(exp.get("name") or run.get("name") or run["rev"][:7], run["rev"], run.get("data") or {})
-                )
+            # a queued one has no data, a running one partial metrics: kept, to name them
+            state = (exp.get("executor") or {}).get("state") or "done"
+            for run in exp.get("revs") or []:
+                name = exp.get("name") or run.get("name") or run["rev"][:7]
+                found.append(_experiment(name, run["rev"], run.get("data") or {}, state))
     return found
 
 
@@ -123,20 +128,17 @@ def read_workspace(workspace: Path) -> list[Experiment]:
 
 
 def select(experiments: list[Experiment], names: list[str]) -> list[Experiment]:
-    """The named experiments (by name, full or short rev), or every one that has metrics."""
-    with_metrics = [e for e in experiments if e.metrics]
+    """The named experiments (by name, full or short rev), or every finished one with metrics."""
     if not names:  # the workspace repeats its commit's results (or holds uncommitted ones)
-        return [e for e in with_metrics if e.rev != "workspace"]
+        return [e for e in experiments if e.metrics and e.rev != "workspace" and e.state not in UNFINISHED]
     chosen = []
     for name in names:
         match = [e for e in experiments if name in (e.name, e.rev) or (len(name) >= 7 and e.rev.startswith(name))]
         if not match:
             known = ", ".join(e.name for e in experiments) or "none"
             raise AmocError(f"no experiment {name!r} in this workspace; known: {known} (see `dvc exp show`)")
-        if not match[0].metrics:
-            raise AmocError(
-                f"experiment {name!r} has no metrics yet (queued, running or failed: see `dvc queue status`)"
-            )
+        if match[0].state in UNFINISHED or not match[0].metrics:
+            raise AmocError(f"experiment {name!r} is {match[0].state}, not finished: see `dvc queue status`")
         chosen.append(match[0])
     return chosen
 
@@ -304,7 +306,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     del cfg  # compare reads experiments, not params
     from amoc import io
 
-    experiments = select(read_workspace(Path(args.workspace)), args.experiments)
+    everything = read_workspace(Path(args.workspace))
+    experiments = select(everything, args.experiments)
+    pending = [e.name for e in everything if e.state in UNFINISHED and e not in experiments]
+    if pending:
+        print(f"amoc compare: left out {len(pending)} unfinished: {', '.join(pending)}", file=sys.stderr)
     if not experiments:
         raise AmocError(f"no experiment with metrics in {args.workspace}; run some first (`dvc exp run`) or name them")
     groups = group(experiments, args.seed_key)

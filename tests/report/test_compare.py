@@ -32,10 +32,13 @@ def exp_data(method: str, seed: int, knn: float, slf_pgd: float) -> dict:
     }
 
 
-def exp_show(runs: list[tuple[str, dict | None]]) -> list[dict]:
-    """A baseline commit without results, then its experiments (dvc lists the newest first)."""
+def exp_show(runs: list[tuple[str, dict | None]], states: dict[str, str] | None = None) -> list[dict]:
+    """A baseline commit without results, then its experiments (dvc lists the newest first);
+    `states`: the queue's state of some (others ran with a plain `dvc exp run`)."""
+    states = states or {}
     experiments = [
         {"name": name, "revs": [{"rev": f"{i:040x}", "name": name, "data": data}]}
+        | ({"executor": {"state": states[name], "name": "dvc-task"}} if name in states else {})
         for i, (name, data) in enumerate(runs, 1)
     ]
     return [
@@ -50,14 +53,18 @@ STUDY = [
     ("amoc-s2", exp_data("amoc", 2, 0.34, 14.5)),
     ("acl-s2", exp_data("acl", 2, 0.27, 10.0)),
     ("amoc-s3", exp_data("amoc", 3, 0.31, 11.0)),
-    ("queued", None),  # queued or running: no data yet
+    ("queued", None),  # queued: no data yet
+    ("running", exp_data("amoc", 4, 0.99, 99.0)),  # running: partial metrics
 ]
+STATES = {"amoc-s1": "success", "queued": "queued", "running": "running"}
 
 
 def test_parse_flattens_params_and_metrics_and_keeps_queue_order():
-    exps = compare.parse_exp_show(exp_show(STUDY))
+    exps = compare.parse_exp_show(exp_show(STUDY, STATES))
     with_metrics = [e for e in exps if e.metrics]
-    assert [e.name for e in with_metrics] == ["amoc-s1", "acl-s1", "amoc-s2", "acl-s2", "amoc-s3"]
+    assert [e.name for e in with_metrics] == ["amoc-s1", "acl-s1", "amoc-s2", "acl-s2", "amoc-s3", "running"]
+    # by default only finished experiments count: a running one's metrics are partial
+    assert [e.name for e in compare.select(exps, [])] == ["amoc-s1", "acl-s1", "amoc-s2", "acl-s2", "amoc-s3"]
     first = with_metrics[0]
     assert first.params["pretrain.method"] == "amoc" and first.params["seed"] == 1
     assert first.metrics["pretrain.knn_acc"] == pytest.approx(30.0)  # a fraction in the file, % here
@@ -66,7 +73,7 @@ def test_parse_flattens_params_and_metrics_and_keeps_queue_order():
 
 
 def test_groups_by_params_without_the_seed_and_reports_mean_and_sample_sd():
-    exps = compare.select(compare.parse_exp_show(exp_show(STUDY)), [])
+    exps = compare.select(compare.parse_exp_show(exp_show(STUDY, STATES)), [])
     groups = compare.group(exps)
     assert [(g.label, len(g.members)) for g in groups] == [("amoc", 3), ("acl", 2)]
     assert groups[0].setting == {"pretrain.method": "amoc"}
@@ -107,11 +114,13 @@ def test_configurations_without_a_shared_name_are_labelled_by_their_params():
 
 
 def test_selection_errors_name_the_problem():
-    exps = compare.parse_exp_show(exp_show(STUDY))
+    exps = compare.parse_exp_show(exp_show(STUDY, STATES))
     with pytest.raises(AmocError, match="no experiment 'nope'.*known: .*amoc-s1"):
         compare.select(exps, ["nope"])
-    with pytest.raises(AmocError, match="'queued' has no metrics yet"):
+    with pytest.raises(AmocError, match="'queued' is queued, not finished"):
         compare.select(exps, ["queued"])
+    with pytest.raises(AmocError, match="'running' is running, not finished"):
+        compare.select(exps, ["running"])
     with pytest.raises(AmocError, match="matches no metric"):
         compare.metric_names(compare.select(exps, []), ["alf.*"])
 
@@ -197,7 +206,7 @@ def test_compare_outside_a_dvc_project_is_one_line(tmp_path, capsys):
 
 
 def test_differences_from_a_baseline_carry_welchs_standard_error():
-    exps = compare.select(compare.parse_exp_show(exp_show(STUDY)), [])
+    exps = compare.select(compare.parse_exp_show(exp_show(STUDY, STATES)), [])
     text = compare.difference_table(compare.group(exps), ["slf.pgd"], "amoc")
     amoc_pgd, acl_pgd = np.array([12.0, 14.5, 11.0]), np.array([9.0, 10.0])
     se = np.sqrt(amoc_pgd.var(ddof=1) / 3 + acl_pgd.var(ddof=1) / 2)
