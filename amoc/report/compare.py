@@ -36,7 +36,7 @@ COUNTS = ("n", "n_autoattack")
 FRACTIONS = ("pretrain.knn_acc", "pretrain.knn_random_acc")
 # Column order: pre-training, then the models in pipeline order.
 SECTIONS = ("pretrain", "slf", "alf", "aff", "scratch", "transfer")
-LEAVES = ("knn_acc", "knn_random_acc", "loss", "clean", "pgd", "autoattack")
+LEAVES = ("knn_acc", "knn_random_acc", "loss", "chance_loss", "minutes", "clean", "pgd", "autoattack")
 # A name ending in a seed ("amoc-b128-s2", "acl_seed3") names its configuration without it.
 SEED_SUFFIX = re.compile(r"[-_.](s|seed)\d+$")
 
@@ -125,6 +125,24 @@ def read_workspace(workspace: Path) -> list[Experiment]:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise AmocError(f"`dvc exp show --json` failed in {workspace}: {last}")
     return parse_exp_show(json.loads(proc.stdout))
+
+
+# Read from each experiment's pre-training summary (git keeps it): the loss's chance level
+# differs between methods, and the wall time says what an epoch of each method costs.
+SUMMARY = "runs/pretrain/summary.json"
+
+
+def add_pretrain_summary(workspace: Path, experiments: list[Experiment]) -> None:
+    """pretrain.chance_loss and pretrain.minutes, where the experiment's commit has the summary."""
+    for e in experiments:
+        proc = subprocess.run(["git", "show", f"{e.rev}:{SUMMARY}"], cwd=workspace, capture_output=True, text=True)
+        if proc.returncode != 0:
+            continue  # not amoc's DAG, or no pre-training in this experiment
+        summary = json.loads(proc.stdout)
+        if isinstance(summary.get("chance_loss"), (int, float)):
+            e.metrics["pretrain.chance_loss"] = float(summary["chance_loss"])
+        if isinstance(summary.get("seconds"), (int, float)):
+            e.metrics["pretrain.minutes"] = float(summary["seconds"]) / 60
 
 
 def select(experiments: list[Experiment], names: list[str]) -> list[Experiment]:
@@ -244,7 +262,8 @@ def markdown(groups: list[Group], metrics: list[str], experiments: list[Experime
     lines.append("")
     lines.append(
         "Mean ± sample standard deviation over the n experiments of each configuration; units as in the "
-        "metrics files (accuracies in %), k-NN converted to %."
+        "metrics files (accuracies in %), k-NN converted to %; pretrain.chance_loss and pretrain.minutes "
+        "(wall clock) from runs/pretrain/summary.json."
     )
     sections = {m.split(".")[0] for m in metrics}
     images = []
@@ -293,7 +312,8 @@ def figure(groups: list[Group], metrics: list[str], path: Path) -> Path:
         )
         sns.stripplot(data=data, y="configuration", x="value", order=order, ax=ax, color="black", size=4)
         ax.set_title(metric)
-        ax.set_xlabel(metric.rsplit(".", 1)[-1] if metric.endswith((".loss", ".relative_drop")) else "%")
+        leaf = metric.rsplit(".", 1)[-1]
+        ax.set_xlabel(leaf if leaf in ("loss", "chance_loss", "minutes", "relative_drop") else "%")
         ax.set_ylabel("")
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
@@ -308,6 +328,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     everything = read_workspace(Path(args.workspace))
     experiments = select(everything, args.experiments)
+    add_pretrain_summary(Path(args.workspace), experiments)
     pending = [e.name for e in everything if e.state in UNFINISHED and e not in experiments]
     if pending:
         print(f"amoc compare: left out {len(pending)} unfinished: {', '.join(pending)}", file=sys.stderr)

@@ -131,6 +131,9 @@ stages:
     cmd: python make_metrics.py
     deps: [make_metrics.py]
     params: [seed, method]
+    outs:
+      - runs/pretrain/summary.json:
+          cache: false
     metrics:
       - runs/pretrain/metrics.json:
           cache: false
@@ -143,6 +146,7 @@ p = yaml.safe_load(open("params.yaml"))
 base = {"amoc": 0.40, "acl": 0.30}[p["method"]]
 os.makedirs("runs/pretrain", exist_ok=True)
 json.dump({"knn_acc": base + 0.01 * p["seed"], "loss": 5.0}, open("runs/pretrain/metrics.json", "w"))
+json.dump({"seconds": 60 * p["seed"], "chance_loss": 6.5}, open("runs/pretrain/summary.json", "w"))
 """
 
 
@@ -190,6 +194,9 @@ def test_compare_reads_real_dvc_experiments(dvc_workspace, tmp_path, monkeypatch
     for values in ([41.0, 42.0], [31.0, 32.0]):
         assert f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" in knn
     assert png.read_bytes()[:8] == PNG_MAGIC
+    # from each experiment's committed summary.json: the chance level and the wall time
+    assert "| pretrain.chance_loss | 6.50 ± 0.00 | 6.50 ± 0.00 |" in text
+    assert f"| pretrain.minutes | 1.50 ± {np.std([1, 2], ddof=1):.2f} |" in text
 
     # any two experiments, by name: each its own configuration
     rc = cli.main(["compare", "--workspace", str(dvc_workspace), "amoc-s1", "acl-s2", "--metrics", "pretrain.knn_acc"])
