@@ -212,17 +212,24 @@ def cell(values: list[float], n_group: int) -> str:
     return text if n == n_group else f"{text} (n={n})"
 
 
-def difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
-    """Mean of a minus mean of b, and the difference's standard error (Welch: sd_a^2/n_a +
-    sd_b^2/n_b under the root; None unless both have two values or more)."""
+def difference(a: list[float], b: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean of a minus mean of b, the difference's standard error (sqrt(sd_a^2/n_a +
+    sd_b^2/n_b)) and Welch's two-sided t-test p-value; both None unless each side has two
+    values or more (and the p-value None where both sides are constant)."""
     mean_a, sd_a, n_a = summary(a)
     mean_b, sd_b, n_b = summary(b)
-    se = None if sd_a is None or sd_b is None else math.sqrt(sd_a**2 / n_a + sd_b**2 / n_b)
-    return mean_a - mean_b, se
+    if sd_a is None or sd_b is None:
+        return mean_a - mean_b, None, None
+    se = math.sqrt(sd_a**2 / n_a + sd_b**2 / n_b)
+    if se == 0:
+        return mean_a - mean_b, se, None
+    from scipy import stats  # scikit-learn's dependency, already installed
+
+    return mean_a - mean_b, se, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def difference_table(groups: list[Group], metrics: list[str], baseline: str) -> str:
-    """Each configuration's difference from `baseline`'s mean, with its standard error."""
+    """Each configuration's difference from `baseline`'s mean, its standard error, Welch's p."""
     base = next((g for g in groups if g.label == baseline), None)
     if base is None:
         raise AmocError(
@@ -230,8 +237,9 @@ def difference_table(groups: list[Group], metrics: list[str], baseline: str) -> 
         )
     others = [g for g in groups if g is not base]
     lines = [
-        f"Difference from {baseline} (mean difference ± its standard error; |difference| > 2 SE is "
-        "unlikely under equal means):",
+        f"Difference from {baseline}: mean difference ± its standard error, and Welch's two-sided t-test "
+        "p-value (with 2-3 seeds a side the test has 1-4 degrees of freedom: only large differences "
+        "reach p < 0.05).",
         "",
         "| metric | " + " | ".join(f"{g.label} - {baseline}" for g in others) + " |",
         "|---|" + "---:|" * len(others),
@@ -244,8 +252,9 @@ def difference_table(groups: list[Group], metrics: list[str], baseline: str) -> 
             if not a or not b:
                 cells.append("n/a")
                 continue
-            diff, se = difference(a, b)
-            cells.append(f"{diff:+.2f}" if se is None else f"{diff:+.2f} ± {se:.2f}")
+            diff, se, p = difference(a, b)
+            text = f"{diff:+.2f}" if se is None else f"{diff:+.2f} ± {se:.2f}"
+            cells.append(text if p is None else f"{text} (p {p:.2g})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

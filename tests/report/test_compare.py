@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from amoc import cli
 from amoc.errors import AmocError
@@ -217,6 +218,10 @@ def test_differences_from_a_baseline_carry_welchs_standard_error():
     text = compare.difference_table(compare.group(exps), ["slf.pgd"], "amoc")
     amoc_pgd, acl_pgd = np.array([12.0, 14.5, 11.0]), np.array([9.0, 10.0])
     se = np.sqrt(amoc_pgd.var(ddof=1) / 3 + acl_pgd.var(ddof=1) / 2)
-    assert f"| slf.pgd | {acl_pgd.mean() - amoc_pgd.mean():+.2f} ± {se:.2f} |" in text
+    # Welch's t by hand: t = diff / se, df from the Welch-Satterthwaite equation
+    va, vb = acl_pgd.var(ddof=1) / 2, amoc_pgd.var(ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2)
+    p = 2 * scipy_stats.t.sf(abs(acl_pgd.mean() - amoc_pgd.mean()) / se, df)
+    assert f"| slf.pgd | {acl_pgd.mean() - amoc_pgd.mean():+.2f} ± {se:.2f} (p {p:.2g}) |" in text
     with pytest.raises(AmocError, match="--baseline 'nope': no such configuration; choose one of amoc, acl"):
         compare.difference_table(compare.group(exps), ["slf.pgd"], "nope")
