@@ -25,7 +25,7 @@ study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study.sh
 
 # The claim study of docs/results.md: AMOC against ACL and RoCL, batch and epochs, 2 seeds
-# (about 100 minutes on 2 CPU cores with AVX512-BF16; needs the CIFAR-10 subset).
+# (82 min measured on 2 cores of an AMD EPYC with AVX512-BF16; needs the CIFAR-10 subset).
 study-claim: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study_claim.sh
 
@@ -52,4 +52,4 @@ bench: setup
 	$(BIN)/python benchmarks/augment.py
 
 clean:
-	rm -rf demo study .snakemake .pytest_cache
+	rm -rf demo study study-claim .snakemake .pytest_cache

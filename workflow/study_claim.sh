@@ -66,7 +66,7 @@ say "queue: $n experiments over the DAG, $JOBS at a time (seeds: $SEEDS)"
 study_run_queue
 
 say "results"
-dvc exp show --md > exp-show.md
+dvc exp show --only-changed --md > exp-show.md
 amoc compare --workspace . --baseline amoc-b128 --figure compare.png --out compare.md
 echo "The study took $(((SECONDS - t0) / 60)) min $(((SECONDS - t0) % 60)) s of wall clock." >> compare.md
 cat compare.md
