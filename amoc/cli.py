@@ -184,7 +184,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 @_stage("compare", "amoc.report.compare:run", "DVC experiments as configurations: mean +- sd over seeds, a figure")
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiments", nargs="*", help="experiment names or revs (default: every experiment with metrics)")
+    p.add_argument("experiments", nargs="*", help="experiment names or revs (default: every finished experiment)")
     p.add_argument("--workspace", default=".", help="the DVC project holding the experiments (default: %(default)s)")
     p.add_argument(
         "--metrics",
@@ -197,7 +197,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
         "--seed-key", default="seed", help="the param that varies within a configuration (default: %(default)s)"
     )
     p.add_argument(
-        "--baseline", default=None, help="a configuration to subtract: differences with their standard error"
+        "--baseline", default=None, help="a configuration to subtract: differences, their standard error and Welch's p"
     )
     p.add_argument("--figure", default=None, help="also write a PNG: per-seed points over mean +- sd bars")
     p.add_argument("--out", default="-", help="markdown file to write (default: stdout)")

@@ -16,11 +16,11 @@
 # `amoc compare` writes the mean +- sd table and figure (study-claim/compare.md, .png).
 #
 #   AMOC_SHARED_DATA=../shared/data make study-claim
-#   AMOC_CLAIM_SEEDS="1 2 3" make study-claim         # more seeds (default: 1 2; each seed is
-#        about 50 min on 2 cores with AVX512-BF16, AutoAttack on 200 images most of it)
-#   AMOC_STUDY_RESUME=1 make study-claim              # after a stop: keep the workspace,
-#        queue only the experiments that have not finished (DVC's run cache skips the
-#        stages that already ran), then write the tables
+#   AMOC_CLAIM_SEEDS="1 2 3" make study-claim         # more seeds (default: 1 2; a seed took
+#        about 41 min on 2 cores with AVX512-BF16, evaluation about 40 % of it)
+#   AMOC_STUDY_RESUME=1 make study-claim              # after a stop, or to add seeds: keep
+#        the workspace, queue only the experiments neither finished nor queued (one that
+#        was interrupted starts again from its beginning), then write the tables
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
