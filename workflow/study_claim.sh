@@ -68,6 +68,6 @@ study_run_queue
 say "results"
 dvc exp show --only-changed --md > exp-show.md
 amoc compare --workspace . --baseline amoc-b128 --figure compare.png --out compare.md
-echo "The study took $(((SECONDS - t0) / 60)) min $(((SECONDS - t0) % 60)) s of wall clock." >> compare.md
+echo "This run of study_claim.sh took $(((SECONDS - t0) / 60)) min $(((SECONDS - t0) % 60)) s of wall clock." >> compare.md
 cat compare.md
 echo "Tables: $WS/compare.md, figure: $WS/compare.png; every experiment: cd $WS && dvc exp show"

@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,9 @@ def difference(a: list[float], b: list[float]) -> tuple[float, float | None, flo
         return mean_a - mean_b, se, None
     from scipy import stats  # scikit-learn's dependency, already installed
 
-    return mean_a - mean_b, se, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # near-equal values within a side: scipy warns, the p stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return mean_a - mean_b, se, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def difference_table(groups: list[Group], metrics: list[str], baseline: str) -> str:
