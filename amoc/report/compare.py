@@ -137,13 +137,16 @@ def add_pretrain_summary(workspace: Path, experiments: list[Experiment]) -> None
     """pretrain.chance_loss and pretrain.minutes, where the experiment's commit has the summary."""
     for e in experiments:
         proc = subprocess.run(["git", "show", f"{e.rev}:{SUMMARY}"], cwd=workspace, capture_output=True, text=True)
-        if proc.returncode != 0:
-            continue  # not amoc's DAG, or no pre-training in this experiment
-        summary = json.loads(proc.stdout)
-        if isinstance(summary.get("chance_loss"), (int, float)):
-            e.metrics["pretrain.chance_loss"] = float(summary["chance_loss"])
-        if isinstance(summary.get("seconds"), (int, float)):
-            e.metrics["pretrain.minutes"] = float(summary["seconds"]) / 60
+        try:  # absent: not amoc's DAG, or no pre-training in this experiment
+            info = json.loads(proc.stdout) if proc.returncode == 0 else {}
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(info, dict):
+            continue
+        if isinstance(info.get("chance_loss"), (int, float)):
+            e.metrics["pretrain.chance_loss"] = float(info["chance_loss"])
+        if isinstance(info.get("seconds"), (int, float)):
+            e.metrics["pretrain.minutes"] = float(info["seconds"]) / 60
 
 
 def select(experiments: list[Experiment], names: list[str]) -> list[Experiment]:
