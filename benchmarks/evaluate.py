@@ -8,7 +8,7 @@
 Prints ``name: value unit`` lines. Both attacks run through amoc.evaluate.attacks's
 own entry points, with the settings `amoc evaluate` uses: pgd_correct (L-inf PGD on
 the cross-entropy, eps 8/255, step eps/4, random start, `--pgd-steps` steps) and
-autoattack_correct (torchattacks' standard AutoAttack, APGD-CE / APGD-T / FAB-T with
+torchattacks_correct (torchattacks' standard AutoAttack, APGD-CE / APGD-T / FAB-T with
 `--aa-steps` iterations, default amoc.attacks.autoattack.AUTOATTACK_STEPS, Square 5000 queries), in
 eval mode on the adversarial BN branch, fp32, batched by `--batch`, on a device set up
 by runtime.setup as the stage does it (evaluation is always fp32; `--channels-last auto`
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_autoattack:
 
         def run_aa():
-            return aa_mod.autoattack_correct(
+            return aa_mod.torchattacks_correct(
                 model, x[:aa_n], y[:aa_n], rt, args.batch, pgd_cfg.eps, args.classes, args.seed, args.aa_steps
-            )
+            )[:2]
 
         aa_runs = [timed(run_aa) for _ in range(args.aa_repeats)]
     load1 = os.getloadavg()[0]

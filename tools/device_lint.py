@@ -80,9 +80,6 @@ HOT: dict[str, set[str] | str] = {
 # "module:qualified name" -> why a finding there is right (code whose owners keep it so)
 ALLOW: dict[str, str] = {
     "nets/resnet.py:Normalize.__init__": "module buffers built with the module; rt.prepare moves them",
-    "attacks/autoattack.py:autoattack_correct": (
-        "torchattacks' AutoAttack reads the host many times per batch itself; one more read per batch is nothing"
-    ),
 }
 
 SYNC_METHODS = {

@@ -53,23 +53,7 @@ def n_target_classes(num_classes: int) -> int:
     return min(AUTOATTACK_TARGETS, num_classes - 1)
 
 
-def autoattack_correct(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    rt: Runtime,
-    batch_size: int,
-    eps: float,
-    num_classes: int,
-    seed: int,
-    steps: int | None = None,
-) -> tuple[torch.Tensor, float]:
-    """torchattacks' port: (correct after AutoAttack, largest L-inf perturbation it returned)."""
-    correct_, worst, _ = _torchattacks(model, x, y, rt, batch_size, eps, num_classes, seed, steps)
-    return correct_, worst
-
-
-def _torchattacks(
+def torchattacks_correct(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -80,8 +64,9 @@ def _torchattacks(
     seed: int,
     steps: int | None = None,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """(correct after AutoAttack, largest perturbation, images still correct after each
-    attack, summed over the batches: torchattacks' MultiAttack records them per batch)."""
+    """torchattacks' port: (correct after AutoAttack, largest L-inf perturbation it returned,
+    images still correct after each attack, summed over the batches: torchattacks'
+    MultiAttack records them per batch)."""
     aa = build_autoattack(model, eps, num_classes, seed, steps)
     multi = aa._autoattack
     multi._accumulate_multi_atk_records = True  # counts after each attack, added over the batches
@@ -172,7 +157,7 @@ def run_autoattack(
             seconds = {d["attack"]: d["seconds"] for d in out["per_attack"]}
             mask = out["robust"].to(rt.device)
             return AutoAttackResult(mask, out["worst"], per_attack, implementation(impl), seconds, out["resumed"])
-        mask, worst, counts = _torchattacks(model, x, y, rt, batch_size, eps, num_classes, seed, steps)
+        mask, worst, counts = torchattacks_correct(model, x, y, rt, batch_size, eps, num_classes, seed, steps)
         names = ("apgd-ce", "apgd-t", "fab-t", "square")
         per_attack = [{"attack": a, "robust_acc": _pct(c, n)} for a, c in zip(names, counts)]
         return AutoAttackResult(mask, worst, per_attack, implementation(impl))
