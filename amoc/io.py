@@ -199,6 +199,15 @@ def _check_crc(path: Path) -> None:
         )
 
 
+def refused_global(exc: pickle.UnpicklingError) -> str:
+    """What torch.load(weights_only=True) refused, from its message: the line naming the
+    global (torch's message starts with generic advice and ends advising to allow it)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
+    first = (named or lines or ["unsafe content"])[0].replace("WeightsUnpickler error: ", "")
+    return first.split(" was not an allowed global")[0]
+
+
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint with `weights_only=True`: tensors and plain data only, never code;
     its zip records' CRC-32s checked first."""
@@ -209,13 +218,8 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        # torch's message starts with generic advice; the line naming the refused global is the useful one
-        named = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
-        first = (named or lines or ["unsafe content"])[0].replace("WeightsUnpickler error: ", "")
-        first = first.split(" was not an allowed global")[0]  # drop torch's advice to allow it
         raise CheckpointError(
-            f"{path}: refused to load: it holds more than tensors and plain data ({first[:120]}); only "
+            f"{path}: refused to load: it holds more than tensors and plain data ({refused_global(exc)[:120]}); only "
             "checkpoints written by amoc are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from amoc.errors import CheckpointError
-from amoc.io import file_digest
+from amoc.io import file_digest, refused_global
 from amoc.nets.dual_bn import Branch
 from amoc.nets.resnet import Encoder, build_encoder
 
@@ -149,10 +149,9 @@ def read_checkpoint(path: Path) -> Any:
                 )
                 + ")"
             ) from None
-        first = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln), "unsafe content")
-        first = first.replace("WeightsUnpickler error: ", "").split(" was not an allowed global")[0]
         raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects beyond tensors and plain data ({first[:100]}); "
+            f"{path}: refused to load: it holds Python objects beyond tensors and plain data "
+            f"({refused_global(exc)[:100]}); "
             "load it in the code that wrote it and save model.state_dict() alone"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
