@@ -135,15 +135,22 @@ METHOD_NAMES = {
 
 
 @dataclass(frozen=True)
-class ACLConfig:
-    """ACL (Jiang et al. 2020), its released DS variant (docs/methods.md): LARS, in-batch
-    NT-Xent, a dual-BN projector, PGD-5 on both views."""
+class InBatchConfig:
+    """What the in-batch methods (ACL, RoCL, DynACL) share: LARS and the NT-Xent temperature.
+    A method that redefines a field keeps its place, so every section's keys stay in this order."""
 
     lr: float = spec(5.0, lo=0.0, lo_open=True, doc="LARS learning rate (peak of the warm-up + cosine schedule)")
     momentum: float = spec(0.9, lo=0.0, hi=1.0)
     weight_decay: float = spec(1e-6, lo=0.0)
     trust: float = spec(1e-3, lo=0.0, lo_open=True, doc="LARS trust coefficient")
     temperature: float = spec(0.5, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ACLConfig(InBatchConfig):
+    """ACL (Jiang et al. 2020), its released DS variant (docs/methods.md): LARS, in-batch
+    NT-Xent, a dual-BN projector, PGD-5 on both views."""
+
     projector: list[int] = spec([512, 512, 512], lo=1, doc="output sizes of the projector's layers")
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(steps=5))
     augment: AugmentConfig = field(
@@ -152,15 +159,11 @@ class ACLConfig:
 
 
 @dataclass(frozen=True)
-class RoCLConfig:
+class RoCLConfig(InBatchConfig):
     """RoCL (Kim et al. 2020, docs/methods.md): one BN, the instance-wise attack on one
     view, NT-Xent over (t1, t2, adversarial t1) plus a regulariser, LARS."""
 
     lr: float = spec(1.5, lo=0.0, lo_open=True, doc="LARS learning rate (peak: their 0.1 x 15)")
-    momentum: float = spec(0.9, lo=0.0, hi=1.0)
-    weight_decay: float = spec(1e-6, lo=0.0)
-    trust: float = spec(1e-3, lo=0.0, lo_open=True, doc="LARS trust coefficient")
-    temperature: float = spec(0.5, lo=0.0, lo_open=True)
     regularizer: float = spec(1 / 256, lo=0.0, doc="weight of NT-Xent(adversarial, t2) (their 1/lamda, lamda 256)")
     projector: list[int] = spec([2048, 128], lo=1, doc="output sizes of the projector's layers")
     attack: AttackConfig = field(default_factory=lambda: AttackConfig(step_ratio=0.223125, steps=7))  # step 0.007
@@ -170,17 +173,12 @@ class RoCLConfig:
 
 
 @dataclass(frozen=True)
-class DynACLConfig:
+class DynACLConfig(InBatchConfig):
     """DynACL (Luo, Wang & Wang 2023, docs/methods.md): ACL's DS with an EMA key encoder for
     the second view, and two schedules stepped every `period` epochs: the augmentation's
     strength s falls from 1 and the adversarial loss's weight w rises from 1 (their
     reload_frequency, swap_param)."""
 
-    lr: float = spec(5.0, lo=0.0, lo_open=True, doc="LARS learning rate (peak of the warm-up + cosine schedule)")
-    momentum: float = spec(0.9, lo=0.0, hi=1.0)
-    weight_decay: float = spec(1e-6, lo=0.0)
-    trust: float = spec(1e-3, lo=0.0, lo_open=True, doc="LARS trust coefficient")
-    temperature: float = spec(0.5, lo=0.0, lo_open=True)
     projector: list[int] = spec([512, 512, 512], lo=1, doc="output sizes of the projector's layers")
     key_momentum: float = spec(0.99, lo=0.0, hi=1.0, doc="EMA of the key encoder's parameters")
     period: int = spec(50, lo=1, doc="epochs between updates of the strength and the weight")
