@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from amoc.report.compare import read_workspace
+
 EXPERIMENTS = ("aca-plus", "aca", "ccc", "aca-plus-moco")
 
 
@@ -29,24 +31,8 @@ def git_show(ws: Path, rev: str, path: str) -> str | None:
 
 
 def experiments(ws: Path) -> dict[str, str]:
-    """name -> commit of every experiment in `dvc exp show --json`."""
-    shown = json.loads(
-        subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, capture_output=True, text=True, check=True).stdout
-    )
-    found: dict[str, str] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-        elif isinstance(node, dict):
-            if isinstance(node.get("name"), str) and isinstance(node.get("rev"), str) and node["rev"] != "workspace":
-                found.setdefault(node["name"], node["rev"])
-            for value in node.values():
-                walk(value)
-
-    walk(shown)
-    return found
+    """name -> commit of every experiment in `dvc exp show --json` (the newest of a name)."""
+    return {e.name: e.rev for e in read_workspace(ws) if e.rev != "workspace"}
 
 
 def load(ws: Path, rev: str, path: str) -> Any:
