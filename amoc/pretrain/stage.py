@@ -5,7 +5,8 @@ stage owns the data, the epochs and learning-rate schedule, resume, DDP, the k-N
 monitor and the outputs.
 
 Outputs in ``--out``: encoder.pt (nets.store format), metrics.json (the headline: k-NN
-accuracy, the random-init encoder's k-NN accuracy, the final loss), summary.json (what
+accuracy, the random-init encoder's k-NN accuracy as initialised and with BN statistics
+of the training views, the final loss), summary.json (what
 ran and how fast), log.csv (one row per epoch, rewritten atomically) and checkpoints/
 (every ``checkpoint_every`` epochs, at the end, and when SIGINT/SIGTERM stops the run). ``--resume`` continues
 from the newest good checkpoint written by the same config; the resumed run ends with
@@ -29,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from amoc.errors import ConfigError, DataError
 from amoc.io import RunLock, write_json
 from amoc.nets.store import save_encoder
 from amoc.pretrain.augment import SimCLRAugment
-from amoc.pretrain.knn import knn_accuracy
+from amoc.pretrain.knn import knn_accuracy, training_statistics
 from amoc.pretrain.log import EpochLog
 from amoc.pretrain.methods import AMOC_ONLY, method_params
 from amoc.pretrain.methods import build as build_method
@@ -75,6 +76,10 @@ def load_data(folder: str | Path, device: torch.device, batch_size: int) -> Data
             f"lower it, e.g. --set pretrain.batch_size={_pow2_below(n)}, or prepare more data"
         )
     return Data(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), stats)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _pow2_below(n: int) -> int:
@@ -123,7 +128,8 @@ def run(cfg: Config, args: Any) -> int:
     name = cfg.variant if cfg.pretrain.method == "amoc" else METHOD_NAMES[cfg.pretrain.method]
     print(
         f"amoc pretrain: {name}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
-        f"(random-init encoder {metrics['knn_random_acc']:.4f}; {metrics['knn_bn_branch']} BN), final loss "
+        f"(random-init encoder {metrics['knn_random_acc']:.4f}, {_fmt(metrics['knn_random_bn_acc'])} with the "
+        f"training views' BN statistics; {metrics['knn_bn_branch']} BN), final loss "
         f"{metrics['loss']:.3f} ({metrics['chance_label']} = {metrics['chance_loss']:.3f}), "
         f"{metrics['images_per_s']:.1f} images/s -> {out} "
         f"({time.perf_counter() - start:.1f} s)"
@@ -169,6 +175,7 @@ class Pretraining(Job):
         self.lr = 0.0
         self.clock = (0, time.perf_counter())  # (steps done, time) at the last sync, for images/s
         self.knn_random: float | None = None  # k-NN accuracy of the encoder before training
+        self.knn_random_bn: float | None = None  # the same with BN statistics of the training views
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         Loop(self, self.checkpoints, self.dist, progress=self.rt.progress).run(resume)
@@ -184,6 +191,7 @@ class Pretraining(Job):
             "log": self.log.state(),
             "rng": rng_state(self.generator),
             "knn_random": self.knn_random,
+            "knn_random_bn": self.knn_random_bn,
         }
 
     def load_state(self, blob: dict[str, Any]) -> None:
@@ -192,6 +200,7 @@ class Pretraining(Job):
         self.log.load_state(blob["log"], self.rt.device)
         set_rng_state(blob["rng"], self.generator)
         self.knn_random = blob.get("knn_random")
+        self.knn_random_bn = blob.get("knn_random_bn")  # None in checkpoints older than it
 
     def fresh(self) -> None:
         for name in OUTPUTS:
@@ -199,9 +208,14 @@ class Pretraining(Job):
 
     def started(self) -> None:
         self.dist.broadcast_state(self.model)  # every rank starts from rank 0's weights
-        if self.knn_random is None and self.dist.main:
-            # the baseline k-NN must beat: the same encoder at its random initialisation
-            self.knn_random = self.knn()
+        if self.knn_random is None:  # a fresh start on every rank (a checkpoint holds rank 0's value)
+            # the baselines k-NN must beat: the same encoder at its random initialisation
+            # (amoc.pretrain.knn), as it is and with BN statistics of the training views
+            if self.dist.main:
+                self.knn_random = self.knn()
+            with training_statistics(self.method.encoder, self.baseline_views(), self.method.bn_branch, self.rt):
+                if self.dist.main:
+                    self.knn_random_bn = self.knn()
 
     @property
     def log_epoch(self) -> int:
@@ -265,6 +279,15 @@ class Pretraining(Job):
             )
         return done % p.checkpoint_every == 0 or done == p.epochs
 
+    def baseline_views(self) -> Iterator[torch.Tensor]:
+        """One augmented view of every training image, in order, batch by batch, drawn from
+        a generator of their own (training's random numbers stay as they were). Every rank
+        draws the same views: the BN all-reduces of distributed.bn=sync then see one batch."""
+        generator = self.rt.generator(self.cfg.seed)
+        for step in range(self.steps_per_epoch):  # full batches, as in training
+            images = self.data.train_x[step * self.batch_size : (step + 1) * self.batch_size]
+            yield self.rt.images(self.augment(images, generator=generator))
+
     def knn(self) -> float:
         d = self.data
         return knn_accuracy(
@@ -284,7 +307,14 @@ class Pretraining(Job):
         last = self.log.rows[-1]
         rows = self.log.rows
         seconds = sum(r["seconds"] for r in rows)
-        metrics = {"knn_acc": last["knn_acc"], "knn_random_acc": self.knn_random, "loss": last["loss"]}
+        metrics = {
+            "knn_acc": last["knn_acc"],
+            "knn_random_acc": self.knn_random,
+            "knn_random_bn_acc": self.knn_random_bn,
+            "loss": last["loss"],
+        }
+        if self.knn_random_bn is None:  # resumed from a checkpoint older than this baseline
+            del metrics["knn_random_bn_acc"]
         amoc_only = {"variant": None, "queue_size": None, "queue_size_adv": None, "leverage": None}
         settings = {**amoc_only, **method.record}  # AMOC's keys are null for the other methods
         summary = {

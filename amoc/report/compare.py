@@ -34,10 +34,20 @@ from amoc.errors import AmocError
 # Leaves of the metrics files that count images, not accuracy: printed once under the table.
 COUNTS = ("n", "n_autoattack")
 # Stored as fractions (k-NN); shown in percent like every other accuracy.
-FRACTIONS = ("pretrain.knn_acc", "pretrain.knn_random_acc")
+FRACTIONS = ("pretrain.knn_acc", "pretrain.knn_random_acc", "pretrain.knn_random_bn_acc")
 # Column order: pre-training, then the models in pipeline order.
 SECTIONS = ("pretrain", "slf", "alf", "aff", "scratch", "transfer")
-LEAVES = ("knn_acc", "knn_random_acc", "loss", "chance_loss", "minutes", "clean", "pgd", "autoattack")
+LEAVES = (
+    "knn_acc",
+    "knn_random_acc",
+    "knn_random_bn_acc",
+    "loss",
+    "chance_loss",
+    "minutes",
+    "clean",
+    "pgd",
+    "autoattack",
+)
 # A name ending in a seed ("amoc-b128-s2", "acl_seed3") names its configuration without it.
 SEED_SUFFIX = re.compile(r"[-_.](s|seed)\d+$")
 

@@ -88,6 +88,7 @@ def collect_pretrain(runs: Path, notes: list[str]) -> list[dict[str, Any]]:
                 "epochs": m.get("epochs", None if log is None else len(log)),
                 "knn_acc": knn,
                 "knn_random_acc": _pct_knn(m.get("knn_random_acc")),
+                "knn_random_bn_acc": _pct_knn(m.get("knn_random_bn_acc")),
                 "loss": _num(m.get("loss")),
                 "chance": _num(m.get("chance_loss", m.get("log_k_plus_1"))),
                 "chance_label": m.get("chance_label", "log(K+1)"),
@@ -225,13 +226,13 @@ def _pretrain_label(r: dict[str, Any]) -> str:
 def pretrain_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| run | method | variant | queue size | epochs | k-NN acc (%) | k-NN of the random-init encoder (%) "
-        "| final loss | chance-level loss |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| the same with training BN statistics (%) | final loss | chance-level loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['run']} | {r['method']} | {r['variant']} | {fmt(r['queue_size'])} | {fmt(r['epochs'])} "
-            f"| {fmt(r['knn_acc'])} | {fmt(r['knn_random_acc'])} | {fmt(r['loss'], 4)} "
+            f"| {fmt(r['knn_acc'])} | {fmt(r['knn_random_acc'])} | {fmt(r['knn_random_bn_acc'])} | {fmt(r['loss'], 4)} "
             f"| {fmt(r['chance'], 4)} ({r['chance_label']}) |"
         )
     return "\n".join(lines)
@@ -295,17 +296,28 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
     if knn:
         kdata = pd.concat(knn, ignore_index=True)
 
-        baselines = {r["run"]: r["knn_random_acc"] for r in pretrain if r["knn_random_acc"] is not None}
+        # the random-init encoder as initialised (dashed) and with training BN statistics (dotted)
+        baselines = [
+            (r["run"], key, style, what)
+            for r in pretrain
+            for key, style, what in (
+                ("knn_random_acc", "--", "random-init encoder"),
+                ("knn_random_bn_acc", ":", "random weights, training BN statistics"),
+            )
+            if r[key] is not None
+        ]
+        colours = {run: f"C{i}" for i, run in enumerate(dict.fromkeys(run for run, *_ in baselines))}
+        values = {r["run"]: r for r in pretrain}
 
         def draw_knn(ax: Any) -> None:
             sns.lineplot(data=kdata, x="epoch", y="knn_acc", hue="run", marker="o", ax=ax)
-            for i, (run, acc) in enumerate(baselines.items()):
+            for run, key, style, what in baselines:
                 ax.axhline(
-                    acc,
-                    color=f"C{i}",
-                    linestyle="--",
+                    values[run][key],
+                    color=colours[run],
+                    linestyle=style,
                     linewidth=1,
-                    label=f"random-init encoder ({run})" if len(baselines) > 1 else "random-init encoder",
+                    label=f"{what} ({run})" if len(colours) > 1 else what,
                 )
             ax.set(
                 title="k-NN accuracy during pre-training",

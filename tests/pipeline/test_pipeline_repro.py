@@ -35,6 +35,7 @@ HEADLINE = {
     "autoattack",
     "knn_acc",
     "knn_random_acc",
+    "knn_random_bn_acc",
     "mean_acc",
     "relative_drop",
     "transfer_acc.scratch",

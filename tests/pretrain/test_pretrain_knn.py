@@ -1,4 +1,5 @@
-"""k-NN monitor: weighted vote closed forms and the BN branch it reads."""
+"""k-NN monitor: weighted vote closed forms, the BN branch it reads, and the BN statistics
+its random-weights baseline is measured under."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from amoc.config import RuntimeConfig
 from amoc.nets import build_encoder
-from amoc.pretrain.knn import extract_features, knn_accuracy, knn_predict
+from amoc.pretrain.knn import extract_features, knn_accuracy, knn_predict, training_statistics
 from amoc.runtime import setup
 
 
@@ -66,3 +67,32 @@ def test_features_use_the_requested_branch_in_eval_mode():
     assert torch.allclose(extract_features(enc, x[:1], "clean", rt), clean[:1], atol=1e-6)
     acc = knn_accuracy(enc, (x, torch.arange(6) % 2), (x, torch.arange(6) % 2), k=1, branch="clean", rt=rt)
     assert acc == 1.0  # each test image finds itself
+
+
+def test_training_statistics_are_the_views_and_everything_is_put_back():
+    rt = setup(RuntimeConfig(device="cpu", precision="fp32", progress=False), seed=0)
+    enc = build_encoder(width=0.0625, mean=[0.5] * 3, std=[0.25] * 3).train()
+    with torch.no_grad():
+        for name, buf in enc.named_buffers():
+            if name.endswith("running_var"):
+                buf.mul_(2.0)  # statistics a trained encoder could hold: they must come back
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    views = [torch.rand(5, 3, 16, 16, generator=g) * (i + 1) for i in range(3)]  # batches of different scales
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    with training_statistics(enc, views, "adv", rt) as recalibrated:
+        assert recalibrated is enc and not enc.training
+        bn = enc.bn1.adv
+        # the first BN sees conv1's output: its running mean is the plain average of the batches' means
+        batch_means = [enc.conv1(enc.normalize(x)).mean(dim=(0, 2, 3)) for x in views]
+        assert torch.allclose(bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
+        inside = {k: v.clone() for k, v in enc.state_dict().items()}
+        features = extract_features(enc, images, "adv", rt)
+    for k, v in enc.state_dict().items():
+        if ".clean." in k or not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(inside[k], before[k]), k  # weights and the other branch: untouched
+        assert torch.equal(v, before[k]), k  # and afterwards everything is as it was
+    assert enc.training and all(m.momentum == 0.1 for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(features, extract_features(enc, images, "adv", rt))
+    with training_statistics(enc, views[::-1], "adv", rt):  # the order of the batches does not matter
+        assert torch.allclose(enc.state_dict()["bn1.adv.running_var"], inside["bn1.adv.running_var"], atol=1e-5)

@@ -82,8 +82,9 @@ def test_outputs(reference):
         assert isinstance(metrics[key], float), key
     assert metrics["loss"] == float(rows[2]["loss"]) and metrics["knn_acc"] == float(rows[2]["knn_acc"])
     headline = json.loads((reference / "metrics.json").read_text())  # what DVC compares: nothing else
-    assert headline == {k: metrics[k] for k in ("knn_acc", "knn_random_acc", "loss")}
-    assert 0.0 <= headline["knn_random_acc"] <= 1.0 and metrics["log_k_plus_1"] == pytest.approx(math.log(21))
+    assert headline == {k: metrics[k] for k in ("knn_acc", "knn_random_acc", "knn_random_bn_acc", "loss")}
+    assert 0.0 <= headline["knn_random_acc"] <= 1.0 and 0.0 <= headline["knn_random_bn_acc"] <= 1.0
+    assert metrics["log_k_plus_1"] == pytest.approx(math.log(21))
     assert metrics["method"] == "amoc" and metrics["chance_loss"] == metrics["log_k_plus_1"]
     encoder = load_encoder(reference / "encoder.pt")
     blob = torch_load(reference / "encoder.pt")
