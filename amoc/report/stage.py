@@ -301,8 +301,8 @@ def figures(out: Path, pretrain: list[dict[str, Any]], models: list[dict[str, An
             (r["run"], key, style, what)
             for r in pretrain
             for key, style, what in (
-                ("knn_random_acc", "--", "random-init encoder"),
-                ("knn_random_bn_acc", ":", "random weights, training BN statistics"),
+                ("knn_random_acc", "--", "random-init encoder, initial BN statistics"),
+                ("knn_random_bn_acc", ":", "random-init encoder, training BN statistics"),
             )
             if r[key] is not None
         ]
