@@ -26,10 +26,10 @@ from amoc.attacks import autoattack
 from amoc.attacks.accuracy import correct
 from amoc.attacks.ce import ce_pgd
 from amoc.config import AttackConfig, Config
-from amoc.data.prepared import load_split, load_stats
+from amoc.data.prepared import load_split
 from amoc.errors import DataError
 from amoc.io import RunLock, write_json, write_text
-from amoc.nets.classifier import Classifier, check_classifier, read_classifier
+from amoc.nets.classifier import Classifier, read_checked
 from amoc.runtime import Runtime, oom_hint, setup
 
 CURVE_COLUMNS = ("eps_255", "eps", "accuracy", "n_images")
@@ -85,8 +85,8 @@ def _attack_settings(a: AttackConfig, n: int) -> dict[str, Any]:
     }
 
 
-def _load(path: str | Path, rt: Runtime) -> tuple[Classifier, dict[str, Any]]:
-    model, provenance = read_classifier(path)
+def _load(path: str | Path, rt: Runtime, cfg: Config, data: str) -> tuple[Classifier, dict[str, Any]]:
+    model, provenance = read_checked(path, cfg, data)
     return rt.prepare(model).eval().requires_grad_(False), provenance  # FAB calls .backward(): no weight grads
 
 
@@ -202,12 +202,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.out)
     with RunLock(out), oom_hint("evaluate", "evaluate.batch_size", e.batch_size):
         rt = setup(cfg.runtime, cfg.seed, stage="evaluate", evaluation=True)
-        model, provenance = _load(args.model, rt)
+        model, provenance = _load(args.model, rt, cfg, args.data)
         best_path = Path(args.model).with_name("classifier_best.pt")
         x, y = load_split(args.data, "test")
-        num_classes = int(load_stats(args.data).get("num_classes", model.num_classes))
-        width = None if cfg.pretrain.from_encoder.path else cfg.model.width  # an imported encoder has its own
-        check_classifier(model, args.model, num_classes=num_classes, data=args.data, width=width)
+        num_classes = model.num_classes  # checked against the data set by _load
         n = min(e.n_images or len(x), len(x))
         if n == 0:
             raise DataError(f"{args.data}: the test split is empty; nothing to evaluate")
@@ -219,7 +217,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         last = attack_accuracy(model, x, y, rt, cfg, num_classes, aa_n, "last epoch", states["last"])
         best = None
         if best_path.is_file() and Path(args.model).name != best_path.name:
-            best_model, best_prov = _load(best_path, rt)
+            best_model, best_prov = _load(best_path, rt, cfg, args.data)
             same = _same_weights(model, best_model)
             scores = (
                 last

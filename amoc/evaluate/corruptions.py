@@ -32,7 +32,7 @@ from amoc.data import corrupted as layout
 from amoc.data.prepared import load_split
 from amoc.errors import DataError
 from amoc.io import RunLock, write_json, write_text
-from amoc.nets.classifier import load_classifier
+from amoc.nets.classifier import read_checked
 from amoc.runtime import Runtime, setup
 
 CSV_COLUMNS = ("corruption", "severity", "accuracy")
@@ -107,7 +107,7 @@ def run(cfg: Config, args: Any) -> int:
     cset = layout.read(args.corruptions)
     with RunLock(out):
         rt = setup(cfg.runtime, cfg.seed, stage="evaluate --corruptions", evaluation=True)
-        model = rt.prepare(load_classifier(args.model)).eval().requires_grad_(False)
+        model = rt.prepare(read_checked(args.model, cfg, args.data)[0]).eval().requires_grad_(False)
         x, y = clean_images(args.data, cset)
         res = score(model, cset, x, y, rt, cfg.evaluate.batch_size)
         report = {

@@ -9,16 +9,20 @@ attack library (torchattacks, AutoAttack, foolbox...) can be pointed at it direc
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from amoc.data.prepared import load_stats
 from amoc.errors import CheckpointError, DataError
 from amoc.io import remake_hint, torch_load, torch_save
 from amoc.nets.dual_bn import Branch, DualBatchNorm2d
 from amoc.nets.resnet import Encoder, build_encoder
 from amoc.nets.store import encoder_meta
+
+if TYPE_CHECKING:
+    from amoc.config import Config
 
 CLASSIFIER_FORMAT = "amoc-classifier/1"
 
@@ -105,6 +109,17 @@ def check_classifier(
             f"{path}: a classifier of width {model.encoder.width:g}, but params say model.width {width:g}; it was "
             f"made with other params: {remake_hint(path)}"
         )
+
+
+def read_checked(path: str | os.PathLike, cfg: Config, data: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
+    """read_classifier, then check_classifier against the data set in `data` (its number
+    of classes) and the params' model.width (unless the encoder was imported: it has its
+    own width). Every stage that reads a classifier the DAG made goes through here."""
+    model, provenance = read_classifier(path)
+    num_classes = int(load_stats(data).get("num_classes", model.num_classes))
+    width = None if cfg.pretrain.from_encoder.path else cfg.model.width
+    check_classifier(model, path, num_classes=num_classes, data=data, width=width)
+    return model, provenance
 
 
 def load_classifier(path: str | os.PathLike) -> Classifier:

@@ -36,7 +36,7 @@ from amoc.config import AttackConfig, Config
 from amoc.data.prepared import load_split
 from amoc.errors import DataError
 from amoc.io import RunLock, write_json, write_text
-from amoc.nets.classifier import load_classifier
+from amoc.nets.classifier import read_checked
 from amoc.runtime import Runtime, setup
 
 MASKING_MARGIN_PP = 1.0
@@ -76,13 +76,13 @@ def masking_flags(
     return flags
 
 
-def _models(runs: Path, names: list[str]) -> dict[str, nn.Module]:
+def _models(runs: Path, names: list[str], cfg: Config, data: str) -> dict[str, nn.Module]:
     missing = [n for n in names if not (runs / n / "classifier.pt").is_file()]
     if missing:
         raise DataError(
             f"{runs}: no classifier.pt for {', '.join(missing)}; train them first or change --models / transfer.sources"
         )
-    return {n: load_classifier(runs / n / "classifier.pt") for n in names}
+    return {n: read_checked(runs / n / "classifier.pt", cfg, data)[0] for n in names}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -103,7 +103,8 @@ def run(cfg: Config, args: Any) -> int:
     out, runs = Path(args.out), Path(args.runs)
     with RunLock(out):
         rt = setup(cfg.runtime, cfg.seed, stage="transfer", evaluation=True)
-        models = {n: rt.prepare(m).eval().requires_grad_(False) for n, m in _models(runs, everyone).items()}
+        found = _models(runs, everyone, cfg, args.data)
+        models = {n: rt.prepare(m).eval().requires_grad_(False) for n, m in found.items()}
         x, y = load_split(args.data, "test")
         n = min(t.n_images or len(x), len(x))
         if n == 0:

@@ -23,6 +23,7 @@ from amoc import cli, io
 from amoc.checkpoint import CheckpointManager
 from amoc.errors import AmocError
 from amoc.nets import build_encoder
+from amoc.nets.classifier import Classifier, save_classifier
 from amoc.nets.store import save_encoder
 from amoc.runtime import oom_hint
 
@@ -408,6 +409,32 @@ def test_a_classifier_made_with_other_params_is_refused(params, data, runs, tmp_
     err = one_line_error(capsys, "evaluate")
     assert err.startswith(f"amoc evaluate: error: {model}: {expected}; it was made ") and err.endswith(SLF_HINT), err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("reader", ["evaluate: classifier_best.pt", "evaluate --corruptions", "transfer"])
+def test_every_reader_of_a_classifier_refuses_one_made_with_other_params(params, data, runs, tmp_path, capsys, reader):
+    """The check above guards every stage that reads a classifier the DAG made: the best
+    epoch's classifier_best.pt beside classifier.pt, the corruption evaluation and each
+    model of the transfer matrix. One line naming the file and its stage; nothing written."""
+    model, out = runs / "slf" / "classifier.pt", tmp_path / "o"
+    stale, width, stage = model, 0.125, reader.split(":")[0].split()[0]
+    if reader == "evaluate: classifier_best.pt":  # classifier.pt is right, the best epoch's file is not
+        stale, width = model.with_name("classifier_best.pt"), 0.0625
+        save_classifier(stale, Classifier(build_encoder(width=0.125, mean=(0.5,) * 3, std=(0.25,) * 3), 4))
+        args = ["--model", str(model), "--data", str(data)]
+    elif reader == "evaluate --corruptions":
+        assert amoc("corruptions", params, "--data", str(data), "--out", str(tmp_path / "c")) == 0
+        args = ["--corruptions", str(tmp_path / "c"), "--model", str(model), "--data", str(data)]
+    else:
+        args = ["--runs", str(runs), "--models", "slf", "--data", str(data)]
+    sets = FAST + [f"model.width={width}", "transfer.sources=[slf]", "transfer.n_images=8"]
+    capsys.readouterr()
+    assert amoc(stage, params, *args, "--out", str(out), sets=sets) == 2
+    err = one_line_error(capsys, stage)
+    found = 0.125 if width == 0.0625 else 0.0625
+    expected = f"{stale}: a classifier of width {found:g}, but params say model.width {width:g}; it was made "
+    assert err.startswith(f"amoc {stage}: error: {expected}") and err.endswith(SLF_HINT), err
+    assert not out.exists()
 
 
 def test_payload_runs_under_plain_pickle(tmp_path):

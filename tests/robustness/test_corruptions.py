@@ -37,6 +37,8 @@ from amoc.robustness.corruptions import generate
 
 PARAMS = str(REPO / "params.yaml")
 QUIET = ["--params", PARAMS, "--set", "runtime.progress=false", "--set", "runtime.device=cpu"]
+# the width of the classifiers these tests build (_classifier); stages refuse one of another width
+QUIET += ["--set", "model.width=0.125"]
 RANDOM = (
     "gaussian_noise",
     "shot_noise",
