@@ -11,8 +11,8 @@ The baseline a trained encoder must beat is the same network at its random
 initialisation, measured twice: as initialised (BN at its initial statistics, mean 0 and
 variance 1, so a plain random ReLU network: MoCo's monitor before training), and with
 the same random weights but BN statistics of the training views (:func:`training_statistics`),
-which is how every trained encoder runs. The two differ a lot (docs/results.md: 88 against
-57-70 % on the embedded digits); only the second tells what the learnt weights add.
+which is how every trained encoder runs. The two differ a lot (docs/results.md: 84-89
+against 57-70 % on the embedded digits); only the second tells what the learnt weights add.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ monitor and the outputs.
 
 Outputs in ``--out``: encoder.pt (nets.store format), metrics.json (the headline: k-NN
 accuracy, the random-init encoder's k-NN accuracy as initialised and with BN statistics
-of the training views, the final loss), summary.json (what
-ran and how fast), log.csv (one row per epoch, rewritten atomically) and checkpoints/
-(every ``checkpoint_every`` epochs, at the end, and when SIGINT/SIGTERM stops the run). ``--resume`` continues
+of the training views, the final loss), summary.json (what ran and how fast), log.csv
+(one row per epoch, rewritten atomically) and checkpoints/ (every ``checkpoint_every``
+epochs, at the end, and when SIGINT/SIGTERM stops the run). ``--resume`` continues
 from the newest good checkpoint written by the same config; the resumed run ends with
 the same weights, bit for bit on the CPU, as one that was never interrupted: the
 epoch's image order is a function of (seed, epoch) and every other random number
@@ -128,7 +128,7 @@ def run(cfg: Config, args: Any) -> int:
     name = cfg.variant if cfg.pretrain.method == "amoc" else METHOD_NAMES[cfg.pretrain.method]
     print(
         f"amoc pretrain: {name}, {metrics['epochs']} epochs, k-NN accuracy {metrics['knn_acc']:.4f} "
-        f"(random-init encoder {metrics['knn_random_acc']:.4f}, {_fmt(metrics['knn_random_bn_acc'])} with the "
+        f"(random-init encoder {metrics['knn_random_acc']:.4f}, {_fmt(metrics.get('knn_random_bn_acc'))} with the "
         f"training views' BN statistics; {metrics['knn_bn_branch']} BN), final loss "
         f"{metrics['loss']:.3f} ({metrics['chance_label']} = {metrics['chance_loss']:.3f}), "
         f"{metrics['images_per_s']:.1f} images/s -> {out} "

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pretrain_utils import write_prepared
 
-from amoc import cli
+from amoc import cli, io
 from amoc.io import torch_load
 from amoc.nets.store import load_encoder
 from amoc.pretrain import stage
@@ -161,6 +161,28 @@ def test_exact_resume(params, prepared, reference, tmp_path, monkeypatch, capsys
     assert {k: v for k, v in metrics.items() if k not in TIMING} == {
         k: v for k, v in ref_metrics.items() if k not in TIMING
     }
+
+
+def test_a_checkpoint_older_than_the_bn_baseline_resumes_without_it(
+    params, prepared, reference, tmp_path, monkeypatch, capsys
+):
+    """Checkpoints written before knn_random_bn existed do not hold it. The resumed run must
+    not measure it on half-trained weights: metrics.json leaves it out and the stage's line
+    says n/a, while the initial-statistics baseline comes from the checkpoint."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 5, "signal")  # stops after epoch 1: a boundary checkpoint
+        assert pretrain(params, prepared, out) == 130
+    path = sorted((out / "checkpoints").glob("epoch-*.pt"))[-1]
+    blob = torch_load(path)
+    del blob["knn_random_bn"]
+    io.torch_save(path, blob)
+    capsys.readouterr()
+    assert pretrain(params, prepared, out, resume=True) == 0
+    assert "n/a with the training views' BN statistics" in capsys.readouterr().out
+    headline = json.loads((out / "metrics.json").read_text())
+    assert "knn_random_bn_acc" not in headline
+    assert headline["knn_random_acc"] == json.loads((reference / "metrics.json").read_text())["knn_random_acc"]
 
 
 def test_resume_without_checkpoint_starts_fresh(params, prepared, tmp_path, capsys):
