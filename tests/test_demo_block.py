@@ -8,6 +8,7 @@ makes the README's hash stale, and the first test fails.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 
 import pytest
@@ -80,3 +81,19 @@ def test_install_refuses_a_readme_without_markers_and_a_file_that_is_no_block(tm
     with pytest.raises(SystemExit, match="not a demo block"):
         demo_block.install(block_file, readme)
     assert readme.read_text() == "no markers here\n"
+
+
+def test_the_learning_line_puts_the_three_measures_side_by_side(tmp_path):
+    run = tmp_path / "runs" / "pretrain"
+    run.mkdir(parents=True)
+    summary = {"loss_clean": 5.25, "chance_loss": 5.5491, "chance_label": "log(K+1)", "knn_acc": 0.772}
+    summary.update(knn_random_acc=0.8873, knn_random_bn_acc=0.6761)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "log.csv").write_text("epoch,loss,knn_acc\n1,5.4,\n2,5.3,0.82\n3,5.25,0.772\n")  # no k-NN after epoch 1
+    line = demo_block.learning(tmp_path)
+    assert line.startswith("demo pre-training: final clean loss 5.250, 0.30 below log(K+1); k-NN 77.2 %")
+    assert "random-init encoder's 88.7 % (initial BN statistics) and 67.6 % (training BN statistics)" in line
+    assert "k-NN curve 82.0 % after epoch 2, 77.2 % after epoch 3" in line
+    del summary["knn_random_bn_acc"]  # a run from before that baseline
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert "and n/a (training BN statistics)" in demo_block.learning(tmp_path)

@@ -70,6 +70,7 @@ stages=$(python -c "import json, sys; sys.path.insert(0, '$REPO/workflow'); impo
 print(stage_times.summary(json.load(open('$times'))))")
 rm -f "$times"
 echo "demo time: venv $venv, workspace $((dag_start - t0)) s, DAG $dag_seconds s ($stages), total $((SECONDS - t0)) s"
+python "$REPO/workflow/demo_block.py" . --learning
 echo "The README's demo block from this run is in $WS/readme-block.md (make demo-readme copies it in)."
 cat <<EOF
 Try next (from $WS/):
