@@ -25,7 +25,8 @@ study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study.sh
 
 # The claim study of docs/results.md: AMOC against ACL and RoCL, batch and epochs, 2 seeds
-# (82 min measured on 2 cores of an AMD EPYC with AVX512-BF16; needs the CIFAR-10 subset).
+# (82 min measured on 2 cores of an AMD EPYC with AVX512-BF16; needs the CIFAR-10 subset;
+# AMOC_STUDY_RESUME=1 AMOC_CLAIM_SEEDS="1 2 3" adds the third seed of docs/results.md, 43 min).
 study-claim: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/study_claim.sh
 
