@@ -34,7 +34,7 @@ from amoc.errors import AmocError
 # Leaves of the metrics files that count images, not accuracy: printed once under the table.
 COUNTS = ("n", "n_autoattack")
 # Stored as fractions (k-NN); shown in percent like every other accuracy.
-FRACTIONS = ("pretrain.knn_acc", "pretrain.knn_random_acc", "pretrain.knn_random_bn_acc")
+FRACTIONS = ("pretrain.knn_acc", "pretrain.knn_random_acc")
 # Column order: pre-training, then the models in pipeline order.
 SECTIONS = ("pretrain", "slf", "alf", "aff", "scratch", "transfer")
 LEAVES = (
@@ -139,12 +139,14 @@ def read_workspace(workspace: Path) -> list[Experiment]:
 
 
 # Read from each experiment's pre-training summary (git keeps it): the loss's chance level
-# differs between methods, and the wall time says what an epoch of each method costs.
+# differs between methods, the wall time says what an epoch of each method costs, and the
+# random-init k-NN under training BN statistics is kept out of metrics.json (issue 19).
 SUMMARY = "runs/pretrain/summary.json"
 
 
 def add_pretrain_summary(workspace: Path, experiments: list[Experiment]) -> None:
-    """pretrain.chance_loss and pretrain.minutes, where the experiment's commit has the summary."""
+    """pretrain.chance_loss, pretrain.knn_random_bn_acc (in %) and pretrain.minutes, where the
+    experiment's commit has the summary."""
     for e in experiments:
         proc = subprocess.run(["git", "show", f"{e.rev}:{SUMMARY}"], cwd=workspace, capture_output=True, text=True)
         try:  # absent: not amoc's DAG, or no pre-training in this experiment
@@ -155,6 +157,8 @@ def add_pretrain_summary(workspace: Path, experiments: list[Experiment]) -> None
             continue
         if isinstance(info.get("chance_loss"), (int, float)):
             e.metrics["pretrain.chance_loss"] = float(info["chance_loss"])
+        if isinstance(info.get("knn_random_bn_acc"), (int, float)):
+            e.metrics["pretrain.knn_random_bn_acc"] = 100.0 * float(info["knn_random_bn_acc"])
         if isinstance(info.get("seconds"), (int, float)):
             e.metrics["pretrain.minutes"] = float(info["seconds"]) / 60
 
@@ -287,8 +291,8 @@ def markdown(groups: list[Group], metrics: list[str], experiments: list[Experime
     lines.append("")
     lines.append(
         "Mean ± sample standard deviation over the n experiments of each configuration; units as in the "
-        "metrics files (accuracies in %), k-NN converted to %; pretrain.chance_loss and pretrain.minutes "
-        "(wall clock) from runs/pretrain/summary.json."
+        "metrics files (accuracies in %), k-NN converted to %; pretrain.chance_loss, pretrain.knn_random_bn_acc "
+        "and pretrain.minutes (wall clock) from runs/pretrain/summary.json."
     )
     sections = {m.split(".")[0] for m in metrics}
     images = []

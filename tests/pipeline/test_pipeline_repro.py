@@ -35,7 +35,6 @@ HEADLINE = {
     "autoattack",
     "knn_acc",
     "knn_random_acc",
-    "knn_random_bn_acc",
     "mean_acc",
     "relative_drop",
     "transfer_acc.scratch",

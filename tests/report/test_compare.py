@@ -147,7 +147,8 @@ p = yaml.safe_load(open("params.yaml"))
 base = {"amoc": 0.40, "acl": 0.30}[p["method"]]
 os.makedirs("runs/pretrain", exist_ok=True)
 json.dump({"knn_acc": base + 0.01 * p["seed"], "loss": 5.0}, open("runs/pretrain/metrics.json", "w"))
-json.dump({"seconds": 60 * p["seed"], "chance_loss": 6.5}, open("runs/pretrain/summary.json", "w"))
+summary = {"seconds": 60 * p["seed"], "chance_loss": 6.5, "knn_random_bn_acc": 0.2 + 0.01 * p["seed"]}
+json.dump(summary, open("runs/pretrain/summary.json", "w"))
 """
 
 
@@ -195,8 +196,10 @@ def test_compare_reads_real_dvc_experiments(dvc_workspace, tmp_path, monkeypatch
     for values in ([41.0, 42.0], [31.0, 32.0]):
         assert f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" in knn
     assert png.read_bytes()[:8] == PNG_MAGIC
-    # from each experiment's committed summary.json: the chance level and the wall time
+    # from each experiment's committed summary.json: the chance level, the like-for-like
+    # random-init k-NN (a fraction there, in % here) and the wall time
     assert "| pretrain.chance_loss | 6.50 ± 0.00 | 6.50 ± 0.00 |" in text
+    assert f"| pretrain.knn_random_bn_acc | 21.50 ± {np.std([21, 22], ddof=1):.2f} |" in text
     assert f"| pretrain.minutes | 1.50 ± {np.std([1, 2], ddof=1):.2f} |" in text
 
     # any two experiments, by name: each its own configuration

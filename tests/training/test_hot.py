@@ -135,7 +135,8 @@ def test_pretrain_compiles_the_step_and_not_the_knn_monitor(tmp_path, spy, monke
     argv = ["pretrain", "--params", str(params), "--data", str(data), "--out", str(tmp_path / "out")]
     assert cli.main(argv + [arg for s in sets for arg in ("--set", s)]) == 0
     want = {f"amoc_hot_{name}": n for name, n in {**expected, "query_pass": 1}.items()}
-    assert knn == [0, 0, 0]  # the random-init encoder's, then after each epoch
+    # the random-init encoder's (as initialised, then with training BN statistics), then after each epoch
+    assert knn == [0, 0, 0, 0]
     assert dict(spy.graphs) == want
     assert all(kwargs.get("dynamic") is False for _, kwargs in spy.calls), spy.calls
 

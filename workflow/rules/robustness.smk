@@ -27,7 +27,7 @@ rule evaluate_corruptions:  # accuracy per corruption x severity, mean, relative
     wildcard_constraints:
         model="|".join(MODELS),
     params:
-        **cfg("seed", "evaluate.batch_size", "runtime.precision"),
+        **cfg("seed", "evaluate.batch_size", "runtime.precision", "model.width", "pretrain.from_encoder"),
         gpu_slot=gpu_slot,
     log:
         "logs/evaluate_corruptions_{model}.log",
@@ -50,7 +50,7 @@ rule transfer:  # black-box check: PGD-20 examples of each source model scored o
         "runs/transfer/transfer.json",
         "runs/transfer/transfer.csv",
     params:
-        **cfg("seed", "transfer", "evaluate.batch_size", "runtime.precision"),
+        **cfg("seed", "transfer", "evaluate.batch_size", "runtime.precision", "model.width", "pretrain.from_encoder"),
         gpu_slot=gpu_slot,
     log:
         "logs/transfer.log",
