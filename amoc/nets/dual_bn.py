@@ -40,6 +40,13 @@ class DualBatchNorm1d(DualBatchNorm):
     norm = nn.BatchNorm1d
 
 
+def other_branch(branch: Branch) -> Branch:
+    """The branch that is not `branch`."""
+    if branch not in ("clean", "adv"):
+        raise ValueError(f"BN branch must be 'clean' or 'adv', got {branch!r}")
+    return "adv" if branch == "clean" else "clean"
+
+
 def set_bn_branch(model: nn.Module, branch: Branch) -> None:
     if branch not in ("clean", "adv"):
         raise ValueError(f"BN branch must be 'clean' or 'adv', got {branch!r}")

@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from amoc.nets import bn_branch
-from amoc.nets.dual_bn import Branch, DualBatchNorm
+from amoc.nets.dual_bn import Branch, DualBatchNorm, other_branch
 from amoc.runtime import Runtime, eval_mode
 
 VOTE_TEMPERATURE = 0.1
-BRANCHES: tuple[Branch, ...] = ("clean", "adv")
 
 
 @contextlib.contextmanager
@@ -43,8 +42,7 @@ def training_statistics(
     depend on the batches' order. Every BN runs in training mode meanwhile: a distributed
     BN then all-reduces, so under torchrun every rank must call this with the same number
     and shapes of batches."""
-    idle = {id(getattr(m, other)) for m in encoder.modules() if isinstance(m, DualBatchNorm) for other in BRANCHES}
-    idle -= {id(getattr(m, branch)) for m in encoder.modules() if isinstance(m, DualBatchNorm)}
+    idle = {id(getattr(m, other_branch(branch))) for m in encoder.modules() if isinstance(m, DualBatchNorm)}
     norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in idle]
     saved = [(m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
     flags = [m.training for m in encoder.modules()]

@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from amoc.nets.dual_bn import DualBatchNorm
+from amoc.nets.dual_bn import DualBatchNorm, other_branch
 from amoc.runtime import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,9 +56,7 @@ def freeze_unused_bn(module: nn.Module, used: str) -> list[nn.Parameter]:
     no trainable parameter without a gradient, so DistributedDataParallel needs no
     `find_unused_parameters` search (a traversal of the autograd graph every step).
     Their values do not change: an optimiser skips parameters without a gradient."""
-    if used not in ("clean", "adv"):
-        raise ValueError(f"BN branch must be 'clean' or 'adv', got {used!r}")
-    other = "adv" if used == "clean" else "clean"
+    other = other_branch(used)
     frozen = []
     for m in module.modules():
         if isinstance(m, DualBatchNorm):  # the encoder's 2d ones and a projector's 1d ones
