@@ -15,19 +15,13 @@ import argparse
 import csv
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from amoc.report.compare import read_workspace
+from amoc.report.compare import git_show, read_workspace
 
 EXPERIMENTS = ("aca-plus", "aca", "ccc", "aca-plus-moco")
-
-
-def git_show(ws: Path, rev: str, path: str) -> str | None:
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ws, capture_output=True, text=True)
-    return proc.stdout if proc.returncode == 0 else None
 
 
 def experiments(ws: Path) -> dict[str, str]:

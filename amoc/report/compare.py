@@ -144,13 +144,19 @@ def read_workspace(workspace: Path) -> list[Experiment]:
 SUMMARY = "runs/pretrain/summary.json"
 
 
+def git_show(workspace: Path, rev: str, path: str) -> str | None:
+    """The text of `path` as commit `rev` of the workspace holds it, or None where it has none."""
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=workspace, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def add_pretrain_summary(workspace: Path, experiments: list[Experiment]) -> None:
     """pretrain.chance_loss, pretrain.knn_random_bn_acc (in %) and pretrain.minutes, where the
     experiment's commit has the summary."""
     for e in experiments:
-        proc = subprocess.run(["git", "show", f"{e.rev}:{SUMMARY}"], cwd=workspace, capture_output=True, text=True)
+        text = git_show(workspace, e.rev, SUMMARY)
         try:  # absent: not amoc's DAG, or no pre-training in this experiment
-            info = json.loads(proc.stdout) if proc.returncode == 0 else {}
+            info = json.loads(text) if text is not None else {}
         except json.JSONDecodeError:
             continue
         if not isinstance(info, dict):
